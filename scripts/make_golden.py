@@ -1,0 +1,156 @@
+"""Writes tests/data/smollm2_golden.json: SmolLM2-135M logits, a greedy continuation and tokenizer ids computed by
+an independent implementation (Hugging Face transformers + torch, float32, CPU) from the same GGUF file.
+
+Run with the golden venv, never in CI (the package and its tests never import torch or transformers):
+
+  /work/venv_golden/bin/python scripts/make_golden.py --gguf PATH/SmolLM2-135M-Instruct.Q4_1.gguf
+
+What is stored, and why it is a strong check that stays small (< 200 KB):
+  * for EVERY position of a ~64-token text: the argmax, the max logit and the logsumexp of the full row
+    (a wrong value anywhere in a row moves its logsumexp);
+  * at a few positions: the top-16 logits (what decoding depends on) and the logits at 1024 fixed, seeded
+    vocabulary indices (a broad sample of each row, which catches e.g. a wrong tied-head row);
+  * a 20-token greedy continuation and, per step, the margin between the best and second-best logit (a step
+    with a tiny margin could legitimately flip between implementations; the test reports it);
+  * the ids the GGUF-built transformers tokenizer gives for texts with code, unicode, digits, whitespace runs
+    and special tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+
+import numpy as np
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+EXPECTED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+GOLDEN_TEXT = (
+    "def fibonacci(n: int) -> list[int]:\n"
+    "    \"\"\"Return the first n Fibonacci numbers.\"\"\"\n"
+    "    a, b = 0, 1\n"
+    "    out = []\n"
+    "    for _ in range(n):\n"
+    "        out.append(a)\n"
+    "        a, b = b, a + b\n"
+    "    return out\n\n"
+    "The Fibonacci sequence appears in nature, for example in the arrangement of leaves."
+)
+GENERATION_PROMPT = "The three primary colors are"
+GENERATION_TOKENS = 20
+LOGIT_POSITIONS_COUNT = 6
+VOCAB_SAMPLE_SIZE = 1024
+VOCAB_SAMPLE_SEED = 0
+TOP_K = 16
+
+TOKENIZER_TEXTS = [
+    "Hello, world!",
+    "import numpy as np\n\ndef f(x):\n\treturn np.sum(x ** 2)  # squared norm\n",
+    "Ünïcödé: café, naïve, 東京, Привет, 🤖🚀 and ½ ≠ ∞",
+    "    leading spaces, trailing spaces   \n\n\n  \t\t mixed\twhitespace      runs",
+    "Numbers: 12345, 3.14159, 1e-5, 2024-11-22 and x=0x1F",
+    "don't I'll we've they're it's O'Neil's",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+    "",
+]
+
+
+def sha256_of(path: str) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for chunk in iter(lambda: f.read(1 << 20), b""):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def rounded(values, digits: int = 5) -> list[float]:
+  return [round(float(v), digits) for v in np.asarray(values, np.float64).ravel()]
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--gguf", required=True, help="path to SmolLM2-135M-Instruct.Q4_1.gguf")
+  parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "..", "tests", "data",
+                                                    "smollm2_golden.json"))
+  args = parser.parse_args()
+
+  sha = sha256_of(args.gguf)
+  if sha != EXPECTED_GGUF_SHA256:
+    sys.exit(f"{args.gguf}: sha256 {sha} != expected {EXPECTED_GGUF_SHA256}")
+  directory, filename = os.path.split(os.path.abspath(args.gguf))
+  torch.manual_seed(0)
+  torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+  tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=filename)
+  model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=filename, dtype=torch.float32,
+                                               attn_implementation="eager")
+  model.eval()
+
+  def encode(text):
+    ids = tokenizer.encode(text)
+    # DESIGN.md: the SmolLM2 GGUF tokenizer adds no BOS; make sure transformers agrees before recording ids.
+    assert ids == tokenizer.encode(text, add_special_tokens=False), text
+    return ids
+
+  @torch.no_grad()
+  def logits_of(ids):
+    return model(torch.tensor([ids], dtype=torch.long)).logits[0].double().numpy()
+
+  text_ids = encode(GOLDEN_TEXT)
+  logits = logits_of(text_ids)  # [T, V]
+  length, vocab = logits.shape
+  row_max = logits.max(-1)
+  logsumexp = row_max + np.log(np.exp(logits - row_max[:, None]).sum(-1))
+  positions = np.unique(np.linspace(0, length - 1, LOGIT_POSITIONS_COUNT).round().astype(int)).tolist()
+  vocab_sample = np.sort(np.random.default_rng(VOCAB_SAMPLE_SEED).choice(vocab, VOCAB_SAMPLE_SIZE, replace=False))
+  at_positions = []
+  for p in positions:
+    top = np.argsort(-logits[p], kind="stable")[:TOP_K]
+    at_positions.append({"position": p, "top_ids": top.tolist(), "top_logits": rounded(logits[p, top]),
+                         "sample_logits": rounded(logits[p, vocab_sample])})
+
+  # Greedy decoding by full re-forward each step: slow but obviously right, and independent of any KV cache.
+  prompt_ids = encode(GENERATION_PROMPT)
+  generated, margins = [], []
+  for _ in range(GENERATION_TOKENS):
+    last = logits_of(prompt_ids + generated)[-1]
+    best, second = np.sort(last)[-2:][::-1]
+    generated.append(int(np.argmax(last)))
+    margins.append(round(float(best - second), 5))
+
+  golden = {
+      "about": "SmolLM2-135M-Instruct Q4_1 GGUF through transformers (float32, CPU, eager attention); "
+               "written by scripts/make_golden.py",
+      "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                   "numpy": np.__version__, "python": platform.python_version()},
+      "gguf": {"file": filename, "sha256": sha},
+      "text": GOLDEN_TEXT,
+      "text_ids": text_ids,
+      "vocab_size": vocab,
+      "argmax": np.argmax(logits, -1).tolist(),
+      "max_logit": rounded(row_max),
+      "logsumexp": rounded(logsumexp),
+      "vocab_sample_seed": VOCAB_SAMPLE_SEED,
+      "vocab_sample": vocab_sample.tolist(),
+      "positions": at_positions,
+      "generation": {"prompt": GENERATION_PROMPT, "prompt_ids": prompt_ids, "tokens": generated,
+                     "top2_margins": margins, "text": tokenizer.decode(generated)},
+      "tokenizer": [{"text": t, "ids": encode(t)} for t in TOKENIZER_TEXTS],
+      "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                      "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},
+  }
+  os.makedirs(os.path.dirname(args.out), exist_ok=True)
+  with open(args.out, "w", encoding="utf-8") as f:
+    json.dump(golden, f, ensure_ascii=False, separators=(",", ":"))
+    f.write("\n")
+  print(f"wrote {args.out} ({os.path.getsize(args.out) / 1024:.1f} KB); {length} text tokens, positions "
+        f"{positions}, greedy: {golden['generation']['text']!r}, min top-2 margin {min(margins):.4f}")
+
+
+if __name__ == "__main__":
+  main()
