@@ -1,0 +1,111 @@
+"""What every experiment shares: the workdir, version info, side-by-side timing, results.json / results.md."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import importlib.metadata
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+
+
+@dataclasses.dataclass
+class Claim:
+  """One row of results.md: what the literature (or our spec) says, what we measured, and the verdict."""
+  claim: str
+  measured: str
+  verdict: str  # 'reproduced', 'not reproduced', 'partly', 'n/a at our scale', ...
+
+
+def prepare_workdir(workdir: str) -> str:
+  if not workdir:
+    raise ValueError("--workdir is required: the directory receiving results.json, results.md and plots.")
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
+def environment() -> dict:
+  """Versions and machine facts recorded with every result."""
+  versions = {}
+  for package in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "gguf", "tokenizers"):
+    try:
+      versions[package] = importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+      versions[package] = None
+  return {
+      "python": sys.version.split()[0],
+      "platform": platform.platform(),
+      "machine": platform.machine(),
+      "cpu_count": os.cpu_count(),
+      "jax_backend": jax.default_backend(),
+      "jax_devices": [str(d) for d in jax.devices()],
+      "versions": versions,
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+
+
+def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict:
+  """Median wall seconds of each zero-argument function, run alternately (A B A B ...) after warm-up.
+
+  Alternating makes the ratios robust to this shared CPU's drift; every result is block_until_ready'd.
+  """
+  if repeats < 1:
+    raise ValueError(f"repeats must be >= 1, got {repeats}.")
+  for fn in functions.values():
+    for _ in range(warmup):
+      jax.block_until_ready(fn())
+  samples: dict[str, list[float]] = {name: [] for name in functions}
+  for _ in range(repeats):
+    for name, fn in functions.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      samples[name].append(time.perf_counter() - start)
+  return {name: {"median_s": statistics.median(times), "samples_s": times} for name, times in samples.items()}
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+  lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def write_results(workdir: str, *, title: str, config: Mapping, results: Mapping, claims: Sequence[Claim],
+                  tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] = (),
+                  notes: str = "", plots: Sequence[str] = ()) -> tuple[str, str]:
+  """Writes results.json (config, environment, every number) and results.md (claims table + other tables)."""
+  env = environment()
+  payload = {"title": title, "config": dict(config), "environment": env, "results": dict(results),
+             "claims": [dataclasses.asdict(c) for c in claims], "plots": list(plots)}
+  json_path = os.path.join(workdir, "results.json")
+  with open(json_path, "w") as f:
+    json.dump(payload, f, indent=2, default=_json_default)
+  parts = [f"# {title}", "",
+           f"Python {env['python']}, jax {env['versions']['jax']}, flax {env['versions']['flax']}, "
+           f"{env['cpu_count']} CPU cores ({env['machine']}), backend {env['jax_backend']}, {env['date']}.", "",
+           "## Claims", "", _markdown_table(("seed claim", "measured", "verdict"),
+                                            [(c.claim, c.measured, c.verdict) for c in claims])]
+  for name, (header, rows) in dict(tables).items():
+    parts += ["", f"## {name}", "", _markdown_table(header, rows)]
+  for plot in plots:
+    parts += ["", f"![{os.path.basename(plot)}]({os.path.basename(plot)})"]
+  if notes:
+    parts += ["", notes]
+  md_path = os.path.join(workdir, "results.md")
+  with open(md_path, "w") as f:
+    f.write("\n".join(parts) + "\n")
+  return json_path, md_path
+
+
+def _json_default(value):
+  if hasattr(value, "tolist"):
+    return value.tolist()
+  if dataclasses.is_dataclass(value):
+    return dataclasses.asdict(value)
+  return str(value)
