@@ -1,0 +1,65 @@
+"""Helpers shared by every op: argument checks, block-size resolution and zero padding.
+
+Block-size rules live here once, so every kernel refuses an illegal block with the same wording:
+- Mosaic TPU tiles a block's last two dimensions by (8, 128): a block dimension is legal when it is a multiple
+  of its alignment or spans the whole array dimension (`tpu_block`).
+- Triton builds blocks with `tl.arange`, which needs powers of two (`gpu_block`).
+"""
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+
+
+def round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def next_power_of_2(value: int) -> int:
+  return 1 << max(value - 1, 0).bit_length()
+
+
+def check_float_dtype(name: str, dtype) -> None:
+  """Raises a `ValueError` naming `name` unless `dtype` is float32 or bfloat16."""
+  if jnp.dtype(dtype) not in FLOAT_DTYPES:
+    raise ValueError(f"{name}: dtype {jnp.dtype(dtype).name} is not supported; use float32 or bfloat16.")
+
+
+def check_block_arg(name: str, value) -> None:
+  """A block-size argument is None (use the kernel's default) or a positive int."""
+  if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+    raise ValueError(f"{name}={value!r} must be a positive int (or None for the default).")
+
+
+def tpu_block(name: str, requested: int | None, dim: int, *, default: int, align: int) -> int:
+  """Block size along one dimension of a Mosaic-TPU BlockSpec.
+
+  The requested (or default) size, clamped to `dim` -- one block spanning the whole dimension is always legal
+  and needs no padding -- and otherwise required to be a multiple of `align` (8 for sublanes, 128 for lanes).
+  """
+  check_block_arg(name, requested)
+  block = default if requested is None else requested
+  if block >= dim:
+    return dim
+  if block % align:
+    raise ValueError(f"{name}={block} is illegal for the TPU kernel: it must be a multiple of {align} "
+                     f"(Mosaic tiles blocks by (8, 128)) or at least the dimension it blocks ({dim}).")
+  return block
+
+
+def gpu_block(name: str, requested: int | None, dim: int, *, default: int, minimum: int = 1) -> int:
+  """Block size along one dimension of a Triton kernel: a power of two >= `minimum`, clamped to cover `dim`."""
+  check_block_arg(name, requested)
+  block = default if requested is None else requested
+  if block & (block - 1) or block < minimum:
+    raise ValueError(f"{name}={block} is illegal for the GPU (Triton) kernel: it must be a power of two "
+                     f"and at least {minimum}.")
+  return max(minimum, min(block, next_power_of_2(dim)))
+
+
+def pad_to(x: jnp.ndarray, shape) -> jnp.ndarray:
+  """Zero-pads `x` at the end of each dimension up to `shape` (a no-op when it already has that shape)."""
+  if tuple(x.shape) == tuple(shape):
+    return x
+  return jnp.pad(x, [(0, target - size) for size, target in zip(x.shape, shape)])
