@@ -18,6 +18,7 @@ What is stored, and why it is a strong check that stays small (< 200 KB):
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
 import json
 import os
@@ -52,13 +53,23 @@ TOP_K = 16
 TOKENIZER_TEXTS = [
     "Hello, world!",
     "import numpy as np\n\ndef f(x):\n\treturn np.sum(x ** 2)  # squared norm\n",
-    "Ünïcödé: café, naïve, 東京, Привет, 🤖🚀 and ½ ≠ ∞",
+    "Ünïcödé: café, naïve, 東京, Привет, 🤖🚀 and ≠ ∞",
     "    leading spaces, trailing spaces   \n\n\n  \t\t mixed\twhitespace      runs",
     "Numbers: 12345, 3.14159, 1e-5, 2024-11-22 and x=0x1F",
     "don't I'll we've they're it's O'Neil's",
     "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
     "",
+    # Non-ASCII numerals (Unicode category N): see LLAMA_CPP_SMOLLM_SPLIT.
+    "Fractions and numerals: ½ cup, x² + y², Ⅻ o'clock, ३ and ٣.",
 ]
+
+# llama.cpp's pre-tokenizer for `tokenizer.ggml.pre = "smollm"` (llama-vocab.cpp, shared with starcoder): every
+# \p{N} character is its own piece, then GPT-2's regex -- as SmolLM2's own tokenizer.json says (Digits with
+# individual_digits, then ByteLevel). transformers' GGUF loader (5.23) does not know "smollm" and keeps the
+# plain GPT-2 split. The vocabulary has no multi-digit and no space+digit token, so ASCII digits come out the
+# same; a non-ASCII numeral after a space ("½" in " ½") does not. For such texts we also record the ids that
+# transformers gives with llama.cpp's split applied, which is what the model was trained with.
+LLAMA_CPP_SMOLLM_SPLIT = r"\p{N}"
 
 
 def sha256_of(path: str) -> str:
@@ -71,6 +82,24 @@ def sha256_of(path: str) -> str:
 
 def rounded(values, digits: int = 5) -> list[float]:
   return [round(float(v), digits) for v in np.asarray(values, np.float64).ravel()]
+
+
+def tokenizer_cases(tokenizer, encode) -> list[dict]:
+  """For each text: transformers' ids and, where llama.cpp's 'smollm' split changes them, `llama_cpp_ids`."""
+  from tokenizers import Regex, pre_tokenizers
+
+  llama_cpp = copy.deepcopy(tokenizer.backend_tokenizer)
+  llama_cpp.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(LLAMA_CPP_SMOLLM_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+  cases = []
+  for text in TOKENIZER_TEXTS:
+    case = {"text": text, "ids": encode(text)}
+    llama_cpp_ids = llama_cpp.encode(text, add_special_tokens=False).ids
+    if llama_cpp_ids != case["ids"]:
+      case["llama_cpp_ids"] = llama_cpp_ids
+    cases.append(case)
+  return cases
 
 
 def main():
@@ -140,7 +169,7 @@ def main():
       "positions": at_positions,
       "generation": {"prompt": GENERATION_PROMPT, "prompt_ids": prompt_ids, "tokens": generated,
                      "top2_margins": margins, "text": tokenizer.decode(generated)},
-      "tokenizer": [{"text": t, "ids": encode(t)} for t in TOKENIZER_TEXTS],
+      "tokenizer": tokenizer_cases(tokenizer, encode),
       "special_ids": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                       "pad": tokenizer.pad_token_id, "unk": tokenizer.unk_token_id},
   }
