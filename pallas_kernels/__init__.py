@@ -4,5 +4,6 @@ Note: `pallas_kernels.matmul` below is the *function*; reach an op's other parts
 `from pallas_kernels.matmul import tpu, cost, IMPLEMENTATIONS` (which reads the submodule).
 """
 from pallas_kernels.matmul import matmul
+from pallas_kernels.rms_norm import rms_norm
 
-__all__ = ["matmul"]
+__all__ = ["matmul", "rms_norm"]

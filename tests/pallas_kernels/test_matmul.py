@@ -11,14 +11,14 @@ from pallas_kernels.matmul import IMPLEMENTATIONS, cost, matmul
 from tests.helpers import TOLERANCE, assert_close
 
 # name -> (x shape, N, with bias, (block_m, block_n, block_k), out_dtype). The blocks are legal for both kernel
-# styles; the comments give the TPU grid (M, N, K blocks) / GPU grid (M, N blocks) x K loop steps.
+# styles; the comments give the TPU grid (M, N, K blocks) / GPU grid (M, N blocks) x K loop steps. Few cases,
+# each covering several paths, because every interpret-mode case costs seconds of compilation.
 CASES = {
-    # M = 10 flattened from (2, 5), K = 200, N = 130 ragged. TPU 1x2x2 (M one whole block); GPU 1x3, 7 K steps.
-    "ragged_default_blocks": ((2, 5, 200), 130, True, (None, None, None), None),
-    # M = 40 padded to 48. TPU 3x2x2; GPU 3x2, 2 K steps.
-    "several_blocks_each_axis": ((40, 256), 256, False, (16, 128, 128), None),
-    # Every dimension smaller than one block (whole-dimension blocks); bf16 inputs may ask for f32 output.
-    "single_block_f32_out": ((7, 96), 40, True, (None, None, None), jnp.float32),
+    # M = 10 flattened from (2, 5), K = 200, N = 130 ragged, f32 output from bf16 inputs too.
+    # TPU 1x2x2 (M one whole block); GPU 1x3, 7 K steps.
+    "ragged_default_blocks_f32_out": ((2, 5, 200), 130, True, (None, None, None), jnp.float32),
+    # M = 40 padded to 48, N = 96 one whole block on TPU, no bias. TPU 3x1x2; GPU 3x1, 2 K steps.
+    "several_blocks_explicit": ((40, 256), 96, False, (16, 128, 128), None),
 }
 
 
