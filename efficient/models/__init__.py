@@ -1,0 +1,15 @@
+"""Models: the Llama architecture (`llama`), GGUF loading (`gguf`), tokenizers and the named-model zoo.
+
+`efficient.models.load(name_or_path)` is the entry point (see `zoo.load`). It is resolved lazily so that
+`import efficient.models` stays cheap: no jax/flax import, no download, until a model is asked for.
+"""
+_ZOO_EXPORTS = ("load", "LoadedModel", "KNOWN_MODELS", "ChecksumError", "cache_dir")
+
+__all__ = list(_ZOO_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _ZOO_EXPORTS:
+    from efficient.models import zoo
+    return getattr(zoo, name)
+  raise AttributeError(f"module 'efficient.models' has no attribute {name!r}")
