@@ -14,6 +14,7 @@ Layout facts this loader relies on (measured on SmolLM2-135M-Instruct.Q4_1.gguf,
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable
 
@@ -29,6 +30,7 @@ class GGUFError(ValueError):
   """A GGUF file that cannot be read or does not describe a model this loader supports."""
 
 
+@functools.lru_cache(maxsize=None)
 def _reader_class():
   import gguf  # Imported here so `import efficient.models` stays cheap.
 

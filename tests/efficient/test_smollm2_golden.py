@@ -118,3 +118,10 @@ def test_logits_match_transformers(smollm2, smollm2_golden):
 
 def test_greedy_generation_matches_transformers(smollm2, smollm2_golden):
   check_generation(smollm2.model, smollm2_golden)
+
+
+def test_check_against_golden_helper(smollm2, smollm2_golden):
+  """The all-in-one helper the sharded variant uses (compiles are cached by now, so this is cheap)."""
+  stats = check_against_golden(smollm2.model, smollm2.tokenizer, smollm2_golden)
+  print(f"SmolLM2-135M vs transformers: max |dlogit| = {stats['max_abs_dlogit']:.2e}")
+  assert stats["max_abs_dlogit"] <= LOGIT_TOLERANCE
