@@ -1,0 +1,176 @@
+"""`flash_attention(q, k, v)`: exact softmax attention with online softmax, GQA/MQA, causal and sliding-window
+masks, segment ids (packed sequences), logit soft cap; Pallas kernels for TPU and GPU, a memory-linear XLA path,
+and `flash_decode` for one query step against a KV cache.
+
+Positions (the convention every implementation follows): query i sits at absolute position i + S - T, i.e. the
+LAST query is aligned with the LAST key -- training (T == S) or a prefill of T new tokens after S - T cached ones.
+Key j is visible to query i iff j <= i + S - T (causal), j > i + S - T - sliding_window (window, which implies
+causal) and the segment ids agree. A query that sees no key outputs zeros (and gets zero gradients).
+
+The implementation modules (xla.py, tpu.py, gpu.py) each provide `forward -> (out, lse)` and
+`backward(..., out, lse, do) -> (dq, dk, dv)` (FlashAttention-2: P recomputed from the saved log-sum-exp,
+delta = rowsum(dO * O)); this file validates, dispatches and wires them with one `jax.custom_vjp`.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import numbers
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _dispatch, _util
+from pallas_kernels.flash_attention import _common, reference, xla
+
+IMPLEMENTATIONS = ("reference", "xla")
+_MODULES = {"xla": xla}
+
+
+def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None, logit_soft_cap=None,
+                    scale=None, implementation=None, block_q=None, block_kv=None):
+  """Softmax attention of q [B, T, H, D] over k, v [B, S, H_kv, D] -> [B, T, H, D] in q.dtype.
+
+  Args:
+    causal: mask keys after the query's absolute position (see the module docstring: last query <-> last key).
+    sliding_window: None or the left window size w >= 1: query at position p sees keys p - w < j <= p.
+    segment_ids: None, an int array [B, T] (self-attention, T == S) or a pair (q_segment_ids [B, T],
+      kv_segment_ids [B, S]); queries only see keys of the same segment.
+    logit_soft_cap: None or c > 0: logits become c * tanh(logits / c) (Gemma 2 style), before masking.
+    scale: logit scale, default head_dim ** -0.5.
+    implementation: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+    block_q, block_kv: tile sizes (query rows, keys) of the kernels or chunk sizes of the XLA path; defaults
+      tpu/gpu/xla.DEFAULT_BLOCKS. TPU: block_q a multiple of 8, block_kv of 128 (or the whole length);
+      GPU: powers of two >= 16.
+  q, k, v are float32 or bfloat16 (all alike); logits, softmax and accumulation are f32. H must be a multiple
+  of H_kv (query head h reads kv head h // (H // H_kv); K/V are never repeated in memory).
+  """
+  q_seg, kv_seg = _check(q, k, v, causal, sliding_window, segment_ids, logit_soft_cap, scale, block_q, block_kv)
+  implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="flash_attention")
+  return _run(q, k, v, q_seg, kv_seg, implementation=implementation, causal=bool(causal),
+              sliding_window=sliding_window, logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+              scale=None if scale is None else float(scale), blocks=(block_q, block_kv))
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "causal", "sliding_window", "logit_soft_cap",
+                                             "scale", "blocks"))
+def _run(q, k, v, q_seg=None, kv_seg=None, *, implementation, causal=True, sliding_window=None,
+         logit_soft_cap=None, scale=None, blocks=(None, None)):
+  """`flash_attention` without validation or dispatch: runs `implementation` even where it cannot execute,
+  which is how the lowering tests export 'pallas_tpu'/'pallas_gpu' from a CPU host."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  if implementation == "reference":
+    return reference.flash_attention(q, k, v, q_seg, kv_seg, causal=causal, window=sliding_window,
+                                     soft_cap=logit_soft_cap, scale=scale)
+  module = _MODULES[implementation]
+  block_q, block_kv = module.resolve_blocks(q.shape[1], k.shape[1], *blocks)
+  if module is not xla:
+    module.check_head_dim(q.shape[-1])
+  geometry = _common.Geometry(q_len=q.shape[1], kv_len=k.shape[1], block_q=block_q, block_kv=block_kv,
+                              causal=causal, window=sliding_window, soft_cap=logit_soft_cap, scale=scale)
+  return _attention(q, k, v, q_seg, kv_seg, geometry, implementation)
+
+
+def _module_args(geometry, implementation):
+  return dict(geometry=geometry, interpret=_dispatch.interpret_params(implementation))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, q_seg, kv_seg, geometry, implementation):
+  out, _ = _MODULES[implementation].forward(q, k, v, q_seg, kv_seg, **_module_args(geometry, implementation))
+  return out
+
+
+def _attention_fwd(q, k, v, q_seg, kv_seg, geometry, implementation):
+  out, lse = _MODULES[implementation].forward(q, k, v, q_seg, kv_seg, **_module_args(geometry, implementation))
+  return out, (q, k, v, q_seg, kv_seg, out, lse)  # lse [B, H, T] f32: the only residual beyond the inputs
+
+
+def _attention_bwd(geometry, implementation, residuals, do):
+  q, k, v, q_seg, kv_seg, out, lse = residuals
+  dq, dk, dv = _MODULES[implementation].backward(q, k, v, q_seg, kv_seg, out, lse, do,
+                                                 **_module_args(geometry, implementation))
+  return dq, dk, dv, None, None  # segment ids are integers: no cotangent
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _is_positive_number(value):
+  return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _check(q, k, v, causal, sliding_window, segment_ids, logit_soft_cap, scale, block_q, block_kv):
+  """Raises one `ValueError` naming the first bad argument; returns (q_segment_ids, kv_segment_ids)."""
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if x.ndim != 4 or 0 in x.shape:
+      layout = "[B, T, H, D]" if name == "q" else "[B, S, H_kv, D]"
+      raise ValueError(f"{name} must be a non-empty 4-D array {layout}; got shape {tuple(x.shape)}.")
+    _util.check_float_dtype(name, x.dtype)
+  batch, q_len, num_heads, head_dim = q.shape
+  if tuple(v.shape) != tuple(k.shape):
+    raise ValueError(f"v must have k's shape {tuple(k.shape)}; got {tuple(v.shape)}.")
+  if k.shape[0] != batch or k.shape[3] != head_dim:
+    raise ValueError(f"k must be [B={batch}, S, H_kv, D={head_dim}] to match q {tuple(q.shape)}; "
+                     f"got {tuple(k.shape)}.")
+  if num_heads % k.shape[2]:
+    raise ValueError(f"num_heads: q has H={num_heads} heads, which is not a multiple of k/v's "
+                     f"H_kv={k.shape[2]} (GQA needs H % H_kv == 0).")
+  if k.dtype != q.dtype or v.dtype != q.dtype:
+    raise ValueError(f"k, v: dtypes {k.dtype}, {v.dtype} must equal q's dtype {q.dtype} (cast them).")
+  if not isinstance(causal, bool):
+    raise ValueError(f"causal={causal!r} must be a bool.")
+  if sliding_window is not None:
+    if isinstance(sliding_window, bool) or not isinstance(sliding_window, int) or sliding_window < 1:
+      raise ValueError(f"sliding_window={sliding_window!r} must be an int >= 1 (or None).")
+    if not causal:
+      raise ValueError("sliding_window is a left window and needs causal=True.")
+  if logit_soft_cap is not None and not _is_positive_number(logit_soft_cap):
+    raise ValueError(f"logit_soft_cap={logit_soft_cap!r} must be a positive number (or None).")
+  if scale is not None and not _is_positive_number(scale):
+    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _util.check_block_arg("block_q", block_q)
+  _util.check_block_arg("block_kv", block_kv)
+  return _check_segment_ids(segment_ids, batch, q_len, k.shape[1])
+
+
+def _check_segment_ids(segment_ids, batch, q_len, kv_len):
+  if segment_ids is None:
+    return None, None
+  if isinstance(segment_ids, (tuple, list)):
+    if len(segment_ids) != 2:
+      raise ValueError(f"segment_ids must be one array or a pair (q_segment_ids, kv_segment_ids); "
+                       f"got {len(segment_ids)} items.")
+    q_seg, kv_seg = segment_ids
+  elif q_len != kv_len:
+    raise ValueError(f"segment_ids: one array needs T == S (got T={q_len}, S={kv_len}); pass a pair "
+                     f"(q_segment_ids [B, T], kv_segment_ids [B, S]).")
+  else:
+    q_seg = kv_seg = segment_ids
+  for name, seg, length in (("q_segment_ids", q_seg, q_len), ("kv_segment_ids", kv_seg, kv_len)):
+    if not hasattr(seg, "shape") or tuple(seg.shape) != (batch, length):
+      shape = tuple(seg.shape) if hasattr(seg, "shape") else type(seg).__name__
+      raise ValueError(f"segment_ids: {name} must have shape (B, {'T' if name[0] == 'q' else 'S'}) = "
+                       f"({batch}, {length}); got {shape}.")
+    if not jnp.issubdtype(seg.dtype, jnp.integer):
+      raise ValueError(f"segment_ids: {name} must be integers; got dtype {seg.dtype}.")
+  return jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32)
+
+
+def cost(batch: int, q_len: int, kv_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
+         causal=True, sliding_window=None, segment_ids=False, block_q=None, block_kv=None,
+         backward=False) -> dict:
+  """Modelled cost of the TPU kernels (forward, or forward + backward with `backward=True`).
+
+  Follows the grid and BlockSpecs of tpu.py, counting only the (query block, key block) pairs that causal and
+  window block skipping visit (segment ids skip nothing at block level): `flops` of the matmuls on visited
+  padded tiles; `hbm_bytes` of the blocks the pipeline fetches (a clamped index map re-uses the block, so a
+  skipped tile moves nothing) and writes, with D padded to a multiple of 128 and the lane-replicated f32
+  statistics; `ideal_bytes` reads q, k, v once and writes out once (backward: also reads o, do and writes dq,
+  dk, dv), unpadded.
+  """
+  block_q, block_kv = tpu.resolve_blocks(q_len, kv_len, block_q, block_kv)
+  g = _common.Geometry(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, causal=causal,
+                       window=sliding_window, soft_cap=None, scale=1.0)
+  return tpu.cost(g, batch, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
+                  segment_ids=segment_ids, backward=backward)

@@ -1,0 +1,134 @@
+"""What every flash-attention implementation shares: the static problem description, which keys a query may see,
+which key blocks a query block may see (block skipping), and the soft-cap math.
+
+Positions: query row i sits at absolute position i + offset with offset = S - T, so the last query is aligned
+with the last key (prefill of T new tokens after S - T cached ones). Key j is visible to query i iff
+  j < S                                  (real key, not padding)
+  and j <= i + offset                    (causal)
+  and j > i + offset - window            (sliding window: the `window` most recent keys, itself included)
+  and q_segment[i] == kv_segment[j]      (segment ids given)
+Everything here works on Python ints and on traced int32 scalars alike, so the same functions serve the XLA
+path, kernel bodies and BlockSpec index maps.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+from jax import lax
+
+# A finite "minus infinity" for running maxima: exp(MASK_VALUE - m) underflows to 0 and, unlike -inf,
+# MASK_VALUE - MASK_VALUE is 0, so a row that has seen no visible key yet stays NaN-free.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+  """Static description of one attention problem after blocking (hashable: a jit static argument)."""
+  q_len: int          # T (unpadded)
+  kv_len: int         # S (unpadded)
+  block_q: int
+  block_kv: int
+  causal: bool
+  window: int | None  # left window size, None for unbounded
+  soft_cap: float | None
+  scale: float
+
+  @property
+  def offset(self) -> int:
+    return self.kv_len - self.q_len
+
+  @property
+  def num_q_blocks(self) -> int:
+    return -(-self.q_len // self.block_q)
+
+  @property
+  def num_kv_blocks(self) -> int:
+    return -(-self.kv_len // self.block_kv)
+
+  @property
+  def padded_q_len(self) -> int:
+    return self.num_q_blocks * self.block_q
+
+  @property
+  def padded_kv_len(self) -> int:
+    return self.num_kv_blocks * self.block_kv
+
+
+def kv_block_range(i, g: Geometry):
+  """(first, last) kv block that query block `i` can see, inclusive; last < first when it sees none."""
+  first_pos = i * g.block_q + g.offset
+  last_pos = first_pos + g.block_q - 1
+  last_key = jnp.minimum(last_pos, g.kv_len - 1) if g.causal else g.kv_len - 1
+  first_key = jnp.maximum(first_pos - g.window + 1, 0) if g.window else 0
+  # Divide non-negative numbers only: Mosaic's scalar division truncates, and so does lax.div.
+  last = jnp.where(last_key < 0, -1, lax.div(jnp.maximum(last_key, 0), g.block_kv))
+  first = lax.div(jnp.asarray(first_key, jnp.int32), g.block_kv)
+  return first, last
+
+
+def q_block_range(j, g: Geometry):
+  """(first, last) query block that can see kv block `j`, inclusive: the inverse of `kv_block_range`.
+
+  Causal: block i sees j iff its last position i*bq + bq - 1 + offset >= j*bkv. Window: iff its first
+  position's window start i*bq + offset - window + 1 <= j*bkv + bkv - 1.
+  """
+  if g.causal:
+    need = jnp.maximum(j * g.block_kv - g.offset - g.block_q + 1, 0)
+    first = lax.div(need + g.block_q - 1, g.block_q)
+  else:
+    first = jnp.asarray(0, jnp.int32)
+  if g.window:
+    top = (j + 1) * g.block_kv - 2 - g.offset + g.window
+    last = jnp.where(top < 0, -1, lax.div(jnp.maximum(top, 0), g.block_q))
+    last = jnp.minimum(last, g.num_q_blocks - 1)
+  else:
+    last = jnp.asarray(g.num_q_blocks - 1, jnp.int32)
+  return first, last
+
+
+def clamp_block(index, first, last, num_blocks):
+  """`index` clamped into [first, last] (and into the grid), for index maps: consecutive grid steps that map to
+  the same block make the Pallas pipeline skip the copy, so skipped blocks are never fetched."""
+  index = jnp.minimum(jnp.maximum(index, first), jnp.maximum(last, first))
+  return jnp.minimum(jnp.maximum(index, 0), num_blocks - 1)
+
+
+def visible(q_start, kv_start, shape, g: Geometry, q_segment=None, kv_segment=None):
+  """Bool [bq, bkv] mask of a (query block, key block) tile starting at rows q_start, columns kv_start.
+
+  q_segment broadcasts as [bq, 1] and kv_segment as [1, bkv] (both None without segment ids).
+  """
+  rows = q_start + lax.broadcasted_iota(jnp.int32, shape, 0)
+  cols = kv_start + lax.broadcasted_iota(jnp.int32, shape, 1)
+  positions = rows + g.offset
+  ok = cols < g.kv_len
+  if g.causal:
+    ok = ok & (cols <= positions)
+  if g.window:
+    ok = ok & (cols > positions - g.window)
+  if q_segment is not None:
+    ok = ok & (q_segment == kv_segment)
+  return ok
+
+
+def logits(s, g: Geometry):
+  """Scaled (and soft-capped) f32 logits from raw q.k products."""
+  s = s * g.scale
+  return s if g.soft_cap is None else g.soft_cap * jnp.tanh(s / g.soft_cap)
+
+
+def logits_grad(ds, capped, g: Geometry):
+  """Gradient w.r.t. the raw q.k products from the gradient w.r.t. `logits(...)` (whose value is `capped`)."""
+  if g.soft_cap is not None:
+    ds = ds * (1.0 - jnp.square(capped / g.soft_cap))
+  return ds * g.scale
+
+
+def finish(acc, m, l):
+  """Output rows acc / l and log-sum-exp m + log(l); a row that saw no key gets 0 and lse = +inf (so that the
+  backward's exp(s - lse) is 0 for it)."""
+  empty = l == 0.0
+  out = acc / jnp.where(empty, 1.0, l)
+  lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
+  return out, lse
