@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _util
-from pallas_kernels.flash_attention import _common, reference, xla
+from pallas_kernels.flash_attention import _common, reference, tpu, xla
 
-IMPLEMENTATIONS = ("reference", "xla")
-_MODULES = {"xla": xla}
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "interpret_tpu")
+_MODULES = {"xla": xla, "pallas_tpu": tpu, "interpret_tpu": tpu}
 
 
 def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None, logit_soft_cap=None,
