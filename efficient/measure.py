@@ -49,6 +49,11 @@ def parameter_bytes(model_or_state, *, filter=nnx.Not(nnx.RngState)) -> dict[str
   return {"total": sum(by_dtype.values()), "count": count, "by_dtype": dict(sorted(by_dtype.items()))}
 
 
+def parameter_count(model_or_state, *, filter=nnx.Not(nnx.RngState)) -> int:
+  """Number of elements in the arrays `parameter_bytes` counts."""
+  return parameter_bytes(model_or_state, filter=filter)["count"]
+
+
 def _aval_bytes(aval) -> int:
   return int(np.prod(aval.shape)) * jnp.dtype(aval.dtype).itemsize
 

@@ -303,7 +303,7 @@ def train(model: nnx.Module, data: BatchSource, config: TrainConfig, workdir: st
     meta = restore_checkpoint(manager, state, signature)
     if meta is not None:
       iterator.restore(meta["data_state"])
-      _truncate_metrics(metrics_path, state.step)
+    _truncate_metrics(metrics_path, state.step)  # a fresh start (step 0) clears a crashed run's log
     step_fn = make_train_step(state)
     meta = dict(signature, train_config=config.to_dict())
     bar = tqdm(total=until_step, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
@@ -318,7 +318,7 @@ def train(model: nnx.Module, data: BatchSource, config: TrainConfig, workdir: st
       metrics = apply_train_step(state, step_fn, batch)
       bar.update(1)
       if state.step % config.log_every == 0 or state.step == until_step:
-        now = time.perf_counter()
+        now = time.perf_counter()  # the first interval includes compilation
         record = {"step": state.step, **{k: float(metrics[k]) for k in ("loss", "lr", "grad_norm")},
                   "tokens_per_sec": (state.step - last_step) * batch["tokens"].size / (now - last_time)}
         last_time, last_step = now, state.step

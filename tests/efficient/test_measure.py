@@ -6,7 +6,7 @@ import pytest
 from flax import nnx
 
 from efficient import measure
-from efficient.models.llama import TINY, Llama
+from efficient.models.llama import SMOLLM2_135M, TINY, Llama
 from efficient.train import batch_loss
 
 
@@ -20,8 +20,11 @@ def _llama_parameter_count(c):
 def test_parameter_bytes_of_tiny_llama():
   count = _llama_parameter_count(TINY)
   assert count == 256 * 64 + 2 * (4096 + 4096 + 4096 + 24576 + 128) + 64 == 90432
-  result = measure.parameter_bytes(Llama(TINY, rngs=nnx.Rngs(0)))
+  assert _llama_parameter_count(SMOLLM2_135M) == 134_515_008  # the formula against the published size
+  model = Llama(TINY, rngs=nnx.Rngs(0))
+  result = measure.parameter_bytes(model)
   assert result == {"total": 4 * count, "count": count, "by_dtype": {"float32": 4 * count}}
+  assert measure.parameter_count(model) == count
 
 
 def test_parameter_bytes_by_dtype_and_rng_state_excluded():
