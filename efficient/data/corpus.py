@@ -121,7 +121,8 @@ def _encoder(tokenizer: Tokenizer) -> Callable[[str], np.ndarray]:
   encode = getattr(tokenizer, "encode", tokenizer)
   if not callable(encode):
     raise ValueError(f"tokenizer must have encode(str) -> list[int] or be callable, got {type(tokenizer)}.")
-  return lambda text: np.asarray(encode(text), np.int32).reshape(-1)
+  # A Hugging Face `tokenizers.Tokenizer` returns an Encoding; its ids are what we want.
+  return lambda text: np.asarray(getattr(encoded := encode(text), "ids", encoded), np.int32).reshape(-1)
 
 
 # (split, id(tokenizer), limits...) -> (tokenizer, documents). The tokenizer is kept in the value so its id
