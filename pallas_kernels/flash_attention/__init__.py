@@ -21,10 +21,10 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _dispatch, _util
-from pallas_kernels.flash_attention import _common, reference, tpu, xla
+from pallas_kernels.flash_attention import _common, gpu, reference, tpu, xla
 
-IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "interpret_tpu")
-_MODULES = {"xla": xla, "pallas_tpu": tpu, "interpret_tpu": tpu}
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
+_MODULES = {"xla": xla, "pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
 
 
 def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None, logit_soft_cap=None,

@@ -26,7 +26,7 @@ def _logits_and_grads(attention_fn, tokens, positions, segment_ids):
   return logits, grads
 
 
-@pytest.mark.parametrize("implementation", ["xla"])
+@pytest.mark.parametrize("implementation", ["xla", "interpret_gpu"])
 def test_llama_with_flash_attention_matches_softmax_attention(implementation):
   batch, length = 2, 24
   tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, llama.TINY.vocab_size, dtype=jnp.int32)
