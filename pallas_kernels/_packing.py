@@ -82,10 +82,15 @@ def pack(codes, bits: int):
 
 def unpack(packed, bits: int):
   """Inverse of `pack`: uint8 [bits*K/8, ...] -> uint8 codes [K, ...]. Elementwise shifts/masks + one concat."""
+  return unpack_int32(packed, bits).astype(jnp.uint8)
+
+
+def unpack_int32(packed, bits: int):
+  """`unpack` returning int32 codes: what a kernel computes with next (no round trip through uint8)."""
   _check_bits(bits)
   per_word, word_bytes = _WORD[bits]
   if bits == 8:
-    return packed.astype(jnp.uint8)
+    return packed.astype(jnp.int32)
   if packed.shape[0] % word_bytes:
     raise ValueError(f"packed.shape[0]={packed.shape[0]} must be a multiple of {word_bytes} for {bits}-bit codes.")
   # int32 arithmetic: what a TPU vector unit shifts natively (uint8 lanes would be repacked per op anyway).
@@ -95,7 +100,7 @@ def unpack(packed, bits: int):
     word = word | (plane << (8 * j))
   mask = (1 << bits) - 1
   segments = [(word >> (bits * s)) & mask for s in range(per_word)]
-  return jnp.concatenate(segments, axis=0).astype(jnp.uint8)
+  return jnp.concatenate(segments, axis=0)
 
 
 def lookup(codes, levels, dtype=jnp.float32):

@@ -1,0 +1,133 @@
+"""Mosaic-TPU weight-only quantized matmul: packed weights are unpacked and decoded inside the VMEM tile.
+
+Grid (N blocks, M blocks), N outermost: a weight tile's block index depends only on the N step, so the pipeline
+fetches every packed weight byte exactly once (at decode, M is one block and x is fetched once too). Each tile
+spans the whole K: the planar layout (see `_packing`) puts rows i and i + K/2 in one byte, so a K-block of
+packed rows is not a contiguous K range -- whole-K tiles keep the unpack to two shift/mask ops and one aligned
+sublane concatenation.
+
+Group scales are applied to partial sums (MixPE): x arrives group-major, x_g [G, bm, K/G] (an XLA transpose,
+cheap at decode), the decoded tile is viewed as [G, K/G, bn] (a sublane split), and one batched dot gives
+p_g = x_g . q_g in f32; out = sum_g s_g * p_g -- exact, because the scale is constant within a group -- and with
+zero points out = sum_g s_g * (p_g - z_g * rowsum(x_g)), also exact. So the per-element work on the [K, bn]
+tile is only the unpack/decode and a cast; scales touch [G, bm, bn] values instead of [K, bn].
+NF4 with double quantization rebuilds the tile's absmax in-kernel from int8 codes and the per-256-column
+second-level scales (a select chain over the few 256-column blocks picks each tile's scales: no gather, no
+lane-dynamic indexing), so HBM only ever carries the 8-bit constants.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from pallas_kernels import _util
+from pallas_kernels.quant_matmul import reference
+
+DEFAULT_BLOCK_M = 256   # rows of x per tile; decode batches (M <= 256) are one block, so weights stream once
+DEFAULT_BLOCK_N = 512   # wide N tiles: fewer grid steps; a [576, 512] int4 tile is 144 KiB packed, 1.2 MiB decoded
+_N_CANDIDATES = (512, 384, 256, 128)  # default block_n: the widest of these that divides N (no weight padding)
+
+
+def resolve_blocks(m: int, k: int, n: int, fmt: str, *, groups: int = 1, double_quant: bool = False,
+                   block_m=None, block_n=None) -> tuple[int, int]:
+  """(block_m, block_n) for x [m, k] @ w [k, n], checked against Mosaic's (8, 128) tiling and the layout."""
+  if reference.BITS[fmt] < 8 and (k // 2) % 8:
+    raise ValueError(f"x.shape[-1]={k} is illegal for the TPU kernel with fmt={fmt!r}: K/2 must be a multiple "
+                     f"of 8 (the two nibble planes are joined along sublanes).")
+  if groups > 1 and (k // groups) % 8:
+    raise ValueError(f"group size {k // groups} (K={k} / {groups} scale rows) is illegal for the TPU kernel: "
+                     f"it must be a multiple of 8 (a group is a run of sublanes).")
+  block_m = _util.tpu_block("block_m", block_m, m, default=DEFAULT_BLOCK_M, align=8)
+  if block_n is None:
+    fits = [c for c in _N_CANDIDATES if n % c == 0 and (not double_quant or c % 256 == 0 or 256 % c == 0)]
+    block_n = fits[0] if fits else DEFAULT_BLOCK_N
+  block_n = _util.tpu_block("block_n", block_n, n, default=DEFAULT_BLOCK_N, align=128)
+  if double_quant and block_n < n and block_n % 256 and 256 % block_n:
+    raise ValueError(f"block_n={block_n} is illegal for the TPU kernel with double-quantized NF4 scales: it must "
+                     f"be a multiple or a divisor of 256 (the columns per second-level scale), or cover N={n}.")
+  return block_m, block_n
+
+
+def _tile_absmax(codes, dq_ref, offset_ref, *, block_n: int):
+  """f32 absmax [G, bn] of this N tile from int8 codes, second-level scales [G, NB] (all NB) and the offset."""
+  first = pl.program_id(0) * block_n
+  num_blocks = dq_ref.shape[1]
+  segments, start = [], 0
+  while start < block_n:  # the tile's 256-column segments (one when bn divides 256)
+    width = min(block_n - start, reference.DOUBLE_QUANT_BLOCK - start % reference.DOUBLE_QUANT_BLOCK)
+    index = (first + start) // reference.DOUBLE_QUANT_BLOCK
+    column = dq_ref[:, 0:1]
+    for b in range(1, num_blocks):  # select, not gather: Mosaic has no lane-dynamic indexing
+      column = jnp.where(index == b, dq_ref[:, b:b + 1], column)
+    segments.append(jnp.broadcast_to(column, (column.shape[0], width)))
+    start += width
+  dq = segments[0] if len(segments) == 1 else jnp.concatenate(segments, axis=1)
+  return codes.astype(jnp.float32) * dq + offset_ref[...]
+
+
+def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_quant: bool, block_n: int):
+  zero_ref = refs[0] if has_zero else None
+  dq_ref, offset_ref = refs[has_zero:has_zero + 2] if double_quant else (None, None)
+  out_ref = refs[-1]
+  groups, _, group = x_ref.shape
+  # Decode the whole-K tile: unpack (shifts/masks), offset or look up, cast to the MXU operand dtype.
+  values = reference.weight_values(w_ref[...], fmt, zero_ref)
+  values = values.reshape(groups, group, values.shape[-1]).astype(x_ref.dtype)  # f32 sublane split: group % 8 == 0
+  x = x_ref[...]
+  partial = jnp.einsum("gmk,gkn->gmn", x, values, preferred_element_type=jnp.float32)  # [G, bm, bn]
+  if zero_ref is not None:
+    rowsum = jnp.sum(x.astype(jnp.float32), axis=2, keepdims=True)                   # [G, bm, 1]
+    partial = partial - zero_ref[...].astype(jnp.float32)[:, None, :] * rowsum
+  if double_quant:
+    scale = _tile_absmax(scale_ref[...], dq_ref, offset_ref, block_n=block_n)
+  else:
+    scale = scale_ref[...].astype(jnp.float32)
+  out_ref[...] = jnp.sum(partial * scale[:, None, :], axis=0).astype(out_ref.dtype)
+
+
+def group_major(x, groups: int, padded_m: int):
+  """x [M, K] -> [G, padded M, K/G]: each group's K slice a contiguous [M, K/G] slab (lane dim = K/G)."""
+  m, k = x.shape
+  x = _util.pad_to(x, (padded_m, k))
+  if groups == 1:
+    return x[None]
+  return x.reshape(padded_m, groups, k // groups).transpose(1, 0, 2)
+
+
+def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset=None, *, fmt: str,
+                    blocks=(None, None), out_dtype, interpret=False):
+  """x [M, K] @ dequant(w) -> [M, N] in `out_dtype`; M and N are zero-padded to whole blocks."""
+  (m, k), n = x.shape, w.shape[1]
+  groups = scale.shape[0]
+  double_quant = scale_scale is not None
+  block_m, block_n = resolve_blocks(m, k, n, fmt, groups=groups, double_quant=double_quant,
+                                    block_m=blocks[0], block_n=blocks[1])
+  padded_m, padded_n = _util.round_up(m, block_m), _util.round_up(n, block_n)
+  column = lambda rows: pl.BlockSpec((rows, block_n), lambda j, i: (0, j))  # whole rows, this N tile
+  operands = [group_major(x, groups, padded_m), _util.pad_to(w, (w.shape[0], padded_n)),
+              _util.pad_to(scale, (groups, padded_n))]
+  in_specs = [pl.BlockSpec((groups, block_m, k // groups), lambda j, i: (0, i, 0)), column(w.shape[0]),
+              column(groups)]
+  if zero_point is not None:
+    operands.append(_util.pad_to(zero_point, (groups, padded_n)))
+    in_specs.append(column(groups))
+  if double_quant:
+    # Tiny arrays, whole-array blocks with a constant index: fetched once for the whole grid.
+    operands += [scale_scale.astype(jnp.float32), jnp.reshape(scale_offset, (1, 1)).astype(jnp.float32)]
+    in_specs += [pl.BlockSpec(scale_scale.shape, lambda j, i: (0, 0)), pl.BlockSpec((1, 1), lambda j, i: (0, 0))]
+  out = pl.pallas_call(
+      functools.partial(_kernel, fmt=fmt, has_zero=zero_point is not None, double_quant=double_quant,
+                        block_n=block_n),
+      out_shape=jax.ShapeDtypeStruct((padded_m, padded_n), out_dtype),
+      grid=(padded_n // block_n, padded_m // block_m),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((block_m, block_n), lambda j, i: (i, j)),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
+      interpret=interpret,
+      name=f"quant_matmul_{fmt}",
+  )(*operands)
+  return out[:m, :n]
