@@ -174,3 +174,88 @@ def cost(batch: int, q_len: int, kv_len: int, num_heads: int, num_kv_heads: int,
                        window=sliding_window, soft_cap=None, scale=1.0)
   return tpu.cost(g, batch, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
                   segment_ids=segment_ids, backward=backward)
+
+
+DECODE_IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
+DEFAULT_DECODE_SPLITS = 4  # split-K programs per (sequence, kv head): parallelism when B * H_kv is small
+
+
+def flash_decode(q, k_cache, v_cache, lengths, *, logit_soft_cap=None, scale=None, implementation=None,
+                 block_kv=None, num_splits=None):
+  """One decoding step: q [B, H, D] attends to rows [0, lengths[b]) of k_cache/v_cache [B, S_max, H_kv, D].
+
+  Returns [B, H, D] in q.dtype (zeros for a sequence of length 0); lengths [B] ints are clipped to [0, S_max].
+  The kernels split S_max into blocks of `block_kv` keys (it must divide S_max: the cache is read in place,
+  never padded; default the largest of tpu/gpu.DECODE_BLOCK_CANDIDATES that does) spread over `num_splits`
+  parallel programs (default DEFAULT_DECODE_SPLITS) whose partial softmax results are merged; blocks at or
+  beyond a sequence's length are neither computed nor fetched. Cache positions are implicit: the new query
+  sees every valid row (causality is the caller's bookkeeping of `lengths`).
+  """
+  _check_decode(q, k_cache, v_cache, lengths, logit_soft_cap, scale, block_kv, num_splits)
+  implementation = _dispatch.choose(implementation, DECODE_IMPLEMENTATIONS, op="flash_decode")
+  return _run_decode(q, k_cache, v_cache, lengths, implementation=implementation,
+                     logit_soft_cap=None if logit_soft_cap is None else float(logit_soft_cap),
+                     scale=None if scale is None else float(scale), block_kv=block_kv, num_splits=num_splits)
+
+
+@functools.partial(jax.jit, static_argnames=("implementation", "logit_soft_cap", "scale", "block_kv",
+                                             "num_splits"))
+def _run_decode(q, k_cache, v_cache, lengths, *, implementation, logit_soft_cap=None, scale=None, block_kv=None,
+                num_splits=None):
+  """`flash_decode` without validation or dispatch (the lowering tests export the kernels through it)."""
+  scale = q.shape[-1] ** -0.5 if scale is None else scale
+  kv_len = k_cache.shape[1]
+  lengths = jnp.clip(lengths.astype(jnp.int32), 0, kv_len)
+  if implementation == "reference":
+    return reference.flash_decode(q, k_cache, v_cache, lengths, soft_cap=logit_soft_cap, scale=scale)
+  module = _MODULES[implementation]
+  block = module.resolve_decode_block(kv_len, block_kv)
+  (gpu.check_decode_head_dim if module is gpu else tpu.check_head_dim)(q.shape[-1])
+  geometry = _common.Geometry(q_len=1, kv_len=kv_len, block_q=1, block_kv=block, causal=False, window=None,
+                              soft_cap=logit_soft_cap, scale=scale)
+  splits = min(num_splits or DEFAULT_DECODE_SPLITS, kv_len // block)
+  return module.decode(q, k_cache, v_cache, lengths, geometry=geometry, num_splits=splits,
+                       interpret=_dispatch.interpret_params(implementation))
+
+
+def _check_decode(q, k_cache, v_cache, lengths, logit_soft_cap, scale, block_kv, num_splits):
+  """Raises one `ValueError` naming the first bad argument of `flash_decode`."""
+  if q.ndim != 3 or 0 in q.shape:
+    raise ValueError(f"q must be a non-empty 3-D array [B, H, D] (one query step); got shape {tuple(q.shape)}.")
+  batch, num_heads, head_dim = q.shape
+  for name, cache in (("k_cache", k_cache), ("v_cache", v_cache)):
+    if cache.ndim != 4 or cache.shape[0] != batch or cache.shape[3] != head_dim or 0 in cache.shape:
+      raise ValueError(f"{name} must be [B={batch}, S_max, H_kv, D={head_dim}]; got {tuple(cache.shape)}.")
+    _util.check_float_dtype(name, cache.dtype)
+  _util.check_float_dtype("q", q.dtype)
+  if tuple(v_cache.shape) != tuple(k_cache.shape):
+    raise ValueError(f"v_cache must have k_cache's shape {tuple(k_cache.shape)}; got {tuple(v_cache.shape)}.")
+  if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+    raise ValueError(f"k_cache, v_cache: dtypes {k_cache.dtype}, {v_cache.dtype} must equal q's dtype {q.dtype}.")
+  if num_heads % k_cache.shape[2]:
+    raise ValueError(f"num_heads: q has H={num_heads} heads, which is not a multiple of the cache's "
+                     f"H_kv={k_cache.shape[2]} (GQA needs H % H_kv == 0).")
+  if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
+    raise ValueError(f"lengths must be an integer array of shape (B,) = ({batch},); "
+                     f"got {lengths.dtype}{tuple(lengths.shape)}.")
+  if logit_soft_cap is not None and not _is_positive_number(logit_soft_cap):
+    raise ValueError(f"logit_soft_cap={logit_soft_cap!r} must be a positive number (or None).")
+  if scale is not None and not _is_positive_number(scale):
+    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _util.check_block_arg("block_kv", block_kv)
+  _util.check_block_arg("num_splits", num_splits)
+
+
+def cost_decode(batch: int, max_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
+                length=None, block_kv=None, num_splits=None) -> dict:
+  """Modelled cost of the TPU decode kernel with every sequence holding `length` rows (default S_max).
+
+  `hbm_bytes`: q (block-diagonal, [H, H_kv * D]) once, the K and V blocks below the length (whole blocks), the
+  f32 partial results of every split; `ideal_bytes`: q, the valid K/V rows and the output once. `flops`
+  include the H_kv-fold redundancy of the block-diagonal layout.
+  """
+  block = tpu.resolve_decode_block(max_len, block_kv)
+  length = max_len if length is None else length
+  splits = min(num_splits or DEFAULT_DECODE_SPLITS, max_len // block)
+  return tpu.decode_cost(batch, max_len, length, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
+                         block_kv=block, num_splits=splits)

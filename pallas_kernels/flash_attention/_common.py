@@ -132,3 +132,26 @@ def finish(acc, m, l):
   out = acc / jnp.where(empty, 1.0, l)
   lse = jnp.where(empty, jnp.inf, m + jnp.log(jnp.where(empty, 1.0, l)))
   return out, lse
+
+
+def combine_splits(acc, m, l, axis):
+  """Merges flash-decode partial results along the split `axis`: acc [..., splits, rows, D] (unnormalised),
+  m and l [..., splits, rows, 1] (running max and sum) -> normalised [..., rows, D]; rows that saw no key -> 0."""
+  m_all = jnp.max(m, axis=axis, keepdims=True)
+  weight = jnp.exp(m - m_all)  # splits that saw nothing have l = 0 and acc = 0, whatever their weight
+  l_all = jnp.sum(weight * l, axis=axis)
+  acc_all = jnp.sum(weight * acc, axis=axis)
+  return acc_all / jnp.where(l_all == 0.0, 1.0, l_all)
+
+
+def decode_block(kv_len: int, requested, candidates, name="block_kv") -> int:
+  """Key block of a decode kernel: it must divide the cache length S_max (the cache is never padded -- that
+  would copy it every step). Default: the largest of `candidates` dividing S_max, else the whole cache."""
+  if requested is None:
+    return next((c for c in candidates if c < kv_len and kv_len % c == 0), kv_len)
+  if requested >= kv_len:
+    return kv_len
+  if kv_len % requested:
+    raise ValueError(f"{name}={requested} must divide the cache length S_max={kv_len} for the decode kernel "
+                     f"(the cache is not padded).")
+  return requested

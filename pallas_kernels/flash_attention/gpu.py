@@ -224,3 +224,80 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
       name="flash_attention_dkv",
   )(q_op, k_op, v_op, do_op, *stats, *segments)
   return (dq[:, :g.q_len, :, :head_dim], dk[:, :g.kv_len, :, :head_dim], dv[:, :g.kv_len, :, :head_dim])
+
+
+# --- Decode: one query step per sequence against a KV cache [B, S_max, H_kv, D] with per-sequence lengths. ---
+# Split-K: program (b, kv head, split) walks its share of the key blocks below lengths[b] (loop bounds skip the
+# rest) for the whole query-head group at once (rows padded to 16 for tl.dot); the splits' partial
+# (acc, max, sum) are merged in XLA. The cache is read in place, never padded: D must already be a power of
+# two >= 16 and block_kv must divide S_max.
+DECODE_BLOCK_CANDIDATES = (64, 32, 16)
+
+
+def resolve_decode_block(kv_len: int, block_kv=None) -> int:
+  block = _common.decode_block(kv_len, block_kv, DECODE_BLOCK_CANDIDATES)
+  if block & (block - 1) or block < MIN_BLOCK:
+    raise ValueError(f"block_kv={block} is illegal for the GPU (Triton) decode kernel: it must be a power of two "
+                     f">= {MIN_BLOCK} dividing the cache length S_max={kv_len}.")
+  return block
+
+
+def check_decode_head_dim(head_dim: int) -> None:
+  if head_dim != padded_head_dim(head_dim) or head_dim > MAX_HEAD_DIM:
+    raise ValueError(f"head_dim={head_dim} is not supported by the GPU (Triton) decode kernel: the cache is read "
+                     f"in place, so D must be a power of two in [{MIN_BLOCK}, {MAX_HEAD_DIM}].")
+
+
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g, blocks_per_split):
+  split = pl.program_id(2)
+  length = lengths_ref[()]
+  q = q_ref[...]
+
+  def step(j, carry):
+    m, l, acc = carry
+    rows = _rows(j, g.block_kv)
+    s = _common.logits(_dot_nt(q, k_ref[rows, :]), g)
+    valid = j * g.block_kv + jnp.arange(g.block_kv) < length
+    s = jnp.where(valid[None, :], s, -jnp.inf)
+    m_next = jnp.maximum(m, jnp.max(s, axis=1))
+    p = jnp.exp(s - m_next[:, None])
+    alpha = jnp.exp(m - m_next)
+    v = jnp.where(valid[:, None], v_ref[rows, :], 0.0)  # rows past the length may hold anything (0 * NaN)
+    pv = jnp.dot(p.astype(v_ref.dtype), v.astype(v_ref.dtype), preferred_element_type=jnp.float32)
+    return m_next, alpha * l + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+
+  first = split * blocks_per_split
+  stop = jnp.minimum(first + blocks_per_split, lax.div(length + g.block_kv - 1, g.block_kv))
+  rows = q_ref.shape[0]
+  init = (jnp.full((rows,), _common.MASK_VALUE, jnp.float32), jnp.zeros((rows,), jnp.float32),
+          jnp.zeros(acc_ref.shape, jnp.float32))
+  m, l, acc = lax.fori_loop(first, stop, step, init)
+  acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+
+def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False):
+  """q [B, H, D] against caches [B, S_max, H_kv, D] holding lengths[b] valid rows -> [B, H, D] in q.dtype."""
+  g = geometry
+  batch, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = num_heads // num_kv_heads
+  rows = max(MIN_BLOCK, _util.next_power_of_2(group))
+  blocks_per_split = -(-(kv_len // g.block_kv) // num_splits)
+  q_op = _util.pad_to(q.reshape(batch, num_kv_heads, group, head_dim), (batch, num_kv_heads, rows, head_dim))
+  part = lambda *shape: pl.BlockSpec((None, None, None, *shape), lambda b, hk, s: (b, hk, s) + (0,) * len(shape))
+  kv_spec = pl.BlockSpec((None, kv_len, None, head_dim), lambda b, hk, s: (b, 0, hk, 0))
+  acc, m, l = pl.pallas_call(
+      functools.partial(_decode_kernel, g=g, blocks_per_split=blocks_per_split),
+      out_shape=(jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32),
+                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, rows), jnp.float32)),
+      grid=(batch, num_kv_heads, num_splits),
+      in_specs=[pl.BlockSpec((None,), lambda b, hk, s: (b,)),
+                pl.BlockSpec((None, None, rows, head_dim), lambda b, hk, s: (b, hk, 0, 0)), kv_spec, kv_spec],
+      out_specs=(part(rows, head_dim), part(rows), part(rows)),
+      compiler_params=_triton(head_dim),
+      interpret=interpret,
+      name="flash_decode",
+  )(lengths, q_op, k_cache, v_cache)
+  out = _common.combine_splits(acc, m[..., None], l[..., None], axis=2)  # [B, H_kv, rows, D]
+  return out[:, :, :group].reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -56,5 +56,7 @@ def flash_decode(q, k_cache, v_cache, lengths, *, soft_cap=None, scale):
   ok = (jnp.arange(k_cache.shape[1])[None, :] < lengths[:, None])[:, None, None]  # [B, 1, 1, S_max]
   p = jax.nn.softmax(jnp.where(ok, s, -jnp.inf), axis=-1)
   p = jnp.where(ok, p, 0.0)  # a length-0 row gives zeros, not NaN
-  out = jnp.einsum("bkgs,bskd->bkgd", p, v_cache.astype(jnp.float32))
+  # Rows past a length may hold anything (stale or uninitialised cache); 0 * NaN would be NaN.
+  v = jnp.where(ok[:, 0, 0, :, None, None], v_cache.astype(jnp.float32), 0.0)
+  out = jnp.einsum("bkgs,bskd->bkgd", p, v)
   return out.reshape(batch, num_heads, head_dim).astype(q.dtype)

@@ -304,3 +304,108 @@ def cost(g, batch, num_heads, num_kv_heads, head_dim, itemsize, *, segment_ids=F
     flops += heads * visited * (3 + 4) * tile_flops  # dq: s, dp, dq; dk/dv: s, dp, dv, dk
     ideal += (3 * batch * g.q_len * num_heads + 2 * batch * g.kv_len * num_kv_heads) * head_dim * itemsize
   return {"flops": int(flops), "hbm_bytes": int(moved), "ideal_bytes": int(ideal)}
+
+
+# --- Decode: one query step per sequence against a KV cache [B, S_max, H_kv, D] with per-sequence lengths. ---
+# The cache is read in place as [B, S_max, H_kv * D] (a free reshape), every block holding all kv heads, so any
+# D works without padding the cache. The query is laid out block-diagonally, q_bd [H, H_kv * D] with row h
+# non-zero only in the lanes of kv head h // group: q_bd @ k_block.T gives every query head its own logits,
+# and p @ v_block gives [H, H_kv * D] whose diagonal blocks are the outputs. That spends H_kv times the
+# (tiny) decode FLOPs to keep every matmul lane-aligned; decode is bound by reading the cache.
+DECODE_BLOCK_CANDIDATES = (512, 256, 128, 64, 32, 16, 8)
+
+
+def resolve_decode_block(kv_len: int, block_kv=None) -> int:
+  block = _common.decode_block(kv_len, block_kv, DECODE_BLOCK_CANDIDATES)
+  if block != kv_len and block % SUBLANES:
+    raise ValueError(f"block_kv={block} is illegal for the TPU decode kernel: it must be a multiple of "
+                     f"{SUBLANES} (Mosaic tiles blocks by (8, 128)) or the whole cache length ({kv_len}).")
+  return block
+
+
+def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, m_ref, l_ref, acc_ref, *, g,
+                   blocks_per_split, num_blocks):
+  b, split, t = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  block = split * blocks_per_split + t
+  start = block * g.block_kv
+  length = lengths_ref[b]
+
+  @pl.when(t == 0)
+  def _init():
+    m_ref[...] = jnp.full_like(m_ref, _common.MASK_VALUE)
+    l_ref[...] = jnp.zeros_like(l_ref)
+    acc_ref[...] = jnp.zeros_like(acc_ref)
+
+  @pl.when((start < length) & (block < num_blocks))
+  def _compute():
+    s = _common.logits(lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32), g)
+    ok = start + lax.broadcasted_iota(jnp.int32, s.shape, 1) < length
+    s = jnp.where(ok, s, -jnp.inf)
+    m_prev = m_ref[...]
+    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.exp(s - m_next[:, :1])
+    alpha = jnp.exp(m_prev - m_next)
+    # Rows past the length may hold anything (stale or uninitialised cache): zero them, as 0 * NaN = NaN.
+    v = v_ref[...]
+    v = jnp.where(start + lax.broadcasted_iota(jnp.int32, v.shape, 0) < length, v, jnp.zeros_like(v))
+    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+    acc_ref[...] = acc_ref[...] * alpha[:, :1] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m_ref[...] = m_next
+
+  @pl.when(t == pl.num_programs(2) - 1)
+  def _finish():
+    acc_out[...], m_out[...], l_out[...] = acc_ref[...], m_ref[...], l_ref[...]
+
+
+def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False):
+  """q [B, H, D] against caches [B, S_max, H_kv, D] holding lengths[b] valid rows -> [B, H, D] in q.dtype."""
+  g = geometry
+  batch, num_heads, head_dim = q.shape
+  kv_len, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+  group = num_heads // num_kv_heads
+  lanes = num_kv_heads * head_dim
+  num_blocks = kv_len // g.block_kv
+  blocks_per_split = -(-num_blocks // num_splits)
+  # q_bd[b, h, kk * D + d] = q[b, h, d] if kk == h // group else 0
+  owner = jnp.arange(num_heads) // group
+  q_bd = jnp.where((owner[:, None] == jnp.arange(num_kv_heads)[None, :])[None, :, :, None],
+                   q[:, :, None, :], jnp.zeros((), q.dtype)).reshape(batch, num_heads, lanes)
+
+  def kv_index(b, split, t, lengths_ref):
+    last = lax.div(jnp.maximum(lengths_ref[b] - 1, 0), g.block_kv)  # clamp: blocks past the length are not fetched
+    return (b, jnp.minimum(split * blocks_per_split + t, last), 0)
+
+  kv_spec = pl.BlockSpec((None, g.block_kv, lanes), kv_index)
+  part_spec = lambda width: pl.BlockSpec((None, None, num_heads, width), lambda b, split, t, lengths_ref: (b, split, 0, 0))
+  stats_shape = jax.ShapeDtypeStruct((batch, num_splits, num_heads, LANES), jnp.float32)
+  acc, m, l = pl.pallas_call(
+      functools.partial(_decode_kernel, g=g, blocks_per_split=blocks_per_split, num_blocks=num_blocks),
+      out_shape=(jax.ShapeDtypeStruct((batch, num_splits, num_heads, lanes), jnp.float32), stats_shape, stats_shape),
+      grid_spec=pltpu.PrefetchScalarGridSpec(
+          num_scalar_prefetch=1,  # lengths in SMEM, read by the index maps and the kernel
+          grid=(batch, num_splits, blocks_per_split),
+          in_specs=[pl.BlockSpec((None, num_heads, lanes), lambda b, split, t, lengths_ref: (b, 0, 0)),
+                    kv_spec, kv_spec],
+          out_specs=(part_spec(lanes), part_spec(LANES), part_spec(LANES)),
+          scratch_shapes=[pltpu.VMEM((num_heads, LANES), jnp.float32), pltpu.VMEM((num_heads, LANES), jnp.float32),
+                          pltpu.VMEM((num_heads, lanes), jnp.float32)]),
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+      interpret=interpret,
+      name="flash_decode",
+  )(lengths, q_bd, k_cache.reshape(batch, kv_len, lanes), v_cache.reshape(batch, kv_len, lanes))
+  out = _common.combine_splits(acc, m[..., :1], l[..., :1], axis=1)  # [B, H, H_kv * D]
+  out = out.reshape(batch, num_kv_heads, group, num_kv_heads, head_dim)
+  heads = jnp.arange(num_kv_heads)
+  out = out[:, heads, :, heads, :].transpose(1, 0, 2, 3)  # the diagonal blocks: [B, H_kv, group, D]
+  return out.reshape(batch, num_heads, head_dim).astype(q.dtype)
+
+
+def decode_cost(batch, kv_len, length, num_heads, num_kv_heads, head_dim, itemsize, *, block_kv, num_splits):
+  """Modelled cost of `decode` with every sequence holding `length` rows (see flash_attention.cost_decode)."""
+  lanes = num_kv_heads * head_dim
+  fetched_rows = max(1, -(-length // block_kv)) * block_kv
+  moved = batch * (num_heads * lanes * itemsize + 2 * fetched_rows * lanes * itemsize
+                   + num_splits * num_heads * (lanes + 2 * LANES) * 4)
+  ideal = batch * (2 * num_heads * head_dim * itemsize + 2 * length * lanes * itemsize)
+  flops = batch * 4 * num_heads * lanes * fetched_rows
+  return {"flops": int(flops), "hbm_bytes": int(moved), "ideal_bytes": int(ideal)}

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _dispatch
-from pallas_kernels.flash_attention import IMPLEMENTATIONS, cost, flash_attention
+from pallas_kernels.flash_attention import (DECODE_IMPLEMENTATIONS, IMPLEMENTATIONS, cost, cost_decode,
+                                           flash_attention, flash_decode)
 from tests.helpers import TOLERANCE, assert_close
 
 
@@ -114,3 +115,151 @@ def test_flash_attention_matches_plain_attention(implementation, case):
   assert_close("out", out, expected_out, tol)
   for name, grad, expected in zip(("dq", "dk", "dv"), grads, expected_grads):
     assert_close(name, grad, expected, tol)
+
+
+# name -> (B, S_max, H, H_kv, D, dtype, lengths, options): lengths include an empty and a full cache row.
+DECODE_CASES = {
+    # 6 key blocks of 16 over 3 splits; GQA group 3; soft cap; rows past each length hold NaN.
+    "gqa_softcap_splits_f32": (3, 96, 6, 2, 32, jnp.float32, (0, 50, 96),
+                               dict(logit_soft_cap=3.0, block_kv=16, num_splits=3)),
+    # MQA, bf16, D = 64, default block and splits.
+    "mqa_bf16_defaults": (2, 128, 4, 1, 64, jnp.bfloat16, (1, 77), {}),
+}
+
+
+def plain_decode(q, k_cache, v_cache, lengths, *, logit_soft_cap=None, **unused):
+  """One query per sequence over its first lengths[b] cache rows, f32, explicit repeated kv heads."""
+  del unused
+  q, k, v = (x.astype(jnp.float32) for x in (q, k_cache, v_cache))
+  group = q.shape[1] // k.shape[2]
+  k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+  s = jnp.einsum("bhd,bshd->bhs", q, k, precision=jax.lax.Precision.HIGHEST) * q.shape[-1] ** -0.5
+  if logit_soft_cap:
+    s = logit_soft_cap * jnp.tanh(s / logit_soft_cap)
+  ok = (jnp.arange(k.shape[1])[None, :] < jnp.asarray(lengths)[:, None])[:, None, :]
+  p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, s, -1e30), axis=-1), 0.0)
+  return jnp.einsum("bhs,bshd->bhd", p, jnp.where(ok[:, 0, :, None, None], v, 0.0),
+                    precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("case", DECODE_CASES)
+@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(DECODE_IMPLEMENTATIONS))
+def test_flash_decode_matches_plain_decode(implementation, case):
+  batch, max_len, num_heads, num_kv_heads, head_dim, dtype, lengths, options = DECODE_CASES[case]
+  rng = np.random.default_rng(1)
+  q = jnp.asarray(rng.standard_normal((batch, num_heads, head_dim)), dtype)
+  valid = (np.arange(max_len)[None, :] < np.asarray(lengths)[:, None])[:, :, None, None]
+  k_cache, v_cache = (jnp.asarray(np.where(valid, rng.standard_normal((batch, max_len, num_kv_heads, head_dim)),
+                                           np.nan), dtype) for _ in range(2))
+  lengths = jnp.asarray(lengths, jnp.int32)
+  out = flash_decode(q, k_cache, v_cache, lengths, implementation=implementation, **options)
+  assert out.dtype == q.dtype
+  assert_close("out", out, plain_decode(q, k_cache, v_cache, lengths, **options), TOLERANCE[jnp.dtype(dtype)])
+
+
+_Q, _KV = jnp.ones((1, 16, 4, 32)), jnp.ones((1, 16, 2, 32))
+BAD_INPUTS = {  # name -> (keyword arguments, regex the ValueError must match: it names the argument)
+    "q_rank_3": (dict(q=jnp.ones((16, 4, 32))), r"^q must be a non-empty 4-D array"),
+    "v_shape": (dict(v=jnp.ones((1, 8, 2, 32))), r"^v must have k's shape"),
+    "k_head_dim": (dict(k=jnp.ones((1, 16, 2, 16)), v=jnp.ones((1, 16, 2, 16))), r"^k must be \[B=1, S, H_kv, D=32\]"),
+    "heads_not_multiple": (dict(k=jnp.ones((1, 16, 3, 32)), v=jnp.ones((1, 16, 3, 32))),
+                           r"^num_heads: q has H=4 heads, which is not a multiple of k/v's H_kv=3"),
+    "k_dtype_differs": (dict(k=_KV.astype(jnp.bfloat16)), r"^k, v: dtypes bfloat16, float32 must equal"),
+    "q_int": (dict(q=jnp.ones((1, 16, 4, 32), jnp.int32)), r"^q: dtype int32"),
+    "window_zero": (dict(sliding_window=0), r"^sliding_window=0 must be an int >= 1"),
+    "window_float": (dict(sliding_window=4.0), r"^sliding_window=4.0 must be an int >= 1"),
+    "window_not_causal": (dict(sliding_window=4, causal=False), r"^sliding_window is a left window"),
+    "soft_cap_zero": (dict(logit_soft_cap=0.0), r"^logit_soft_cap=0.0 must be a positive number"),
+    "soft_cap_negative": (dict(logit_soft_cap=-30), r"^logit_soft_cap=-30 must be a positive number"),
+    "scale_nan": (dict(scale=float("nan")), r"^scale=nan must be a positive number"),
+    "segment_ids_wrong_length": (dict(segment_ids=jnp.ones((1, 15), jnp.int32)),
+                                 r"^segment_ids: q_segment_ids must have shape \(B, T\) = \(1, 16\); got \(1, 15\)"),
+    "kv_segment_ids_wrong_batch": (dict(segment_ids=(jnp.ones((1, 16), jnp.int32), jnp.ones((2, 16), jnp.int32))),
+                                   r"^segment_ids: kv_segment_ids must have shape \(B, S\) = \(1, 16\)"),
+    "segment_ids_float": (dict(segment_ids=jnp.ones((1, 16))), r"^segment_ids: q_segment_ids must be integers"),
+    "segment_ids_single_array_t_ne_s": (dict(k=jnp.ones((1, 24, 2, 32)), v=jnp.ones((1, 24, 2, 32)),
+                                             segment_ids=jnp.ones((1, 16), jnp.int32)),
+                                        r"^segment_ids: one array needs T == S"),
+    "block_q_zero": (dict(block_q=0), r"^block_q=0 must be a positive int"),
+    "tpu_block_q_unaligned": (dict(q=jnp.ones((1, 64, 4, 32)), block_q=12, implementation="interpret_tpu"),
+                              r"^block_q=12 is illegal for the TPU kernel"),
+    "tpu_block_kv_unaligned": (dict(k=jnp.ones((1, 256, 2, 32)), v=jnp.ones((1, 256, 2, 32)), block_kv=64,
+                                    implementation="interpret_tpu"), r"^block_kv=64 is illegal for the TPU kernel"),
+    "gpu_block_kv_not_power_of_2": (dict(block_kv=24, implementation="interpret_gpu"),
+                                    r"^block_kv=24 is illegal for the GPU \(Triton\) kernel"),
+    "tpu_head_dim_too_large": (dict(q=jnp.ones((1, 16, 4, 384)), k=jnp.ones((1, 16, 2, 384)),
+                                    v=jnp.ones((1, 16, 2, 384)), implementation="interpret_tpu"),
+                               r"^head_dim=384 is not supported by the TPU kernel"),
+    "gpu_head_dim_too_large": (dict(q=jnp.ones((1, 16, 4, 384)), k=jnp.ones((1, 16, 2, 384)),
+                                    v=jnp.ones((1, 16, 2, 384)), implementation="interpret_gpu"),
+                               r"^head_dim=384 is not supported by the GPU \(Triton\) kernel"),
+}
+
+
+@pytest.mark.parametrize("bad", BAD_INPUTS)
+def test_flash_attention_rejects_bad_input(bad):
+  overrides, message = BAD_INPUTS[bad]
+  kwargs = dict(q=_Q, k=_KV, v=_KV, implementation="reference") | overrides
+  with pytest.raises(ValueError, match=message):
+    flash_attention(**kwargs)
+
+
+_DQ, _CACHE, _LENGTHS = jnp.ones((2, 4, 32)), jnp.ones((2, 96, 2, 32)), jnp.array([3, 96])
+DECODE_BAD_INPUTS = {
+    "q_rank_4": (dict(q=jnp.ones((2, 1, 4, 32))), r"^q must be a non-empty 3-D array \[B, H, D\]"),
+    "k_cache_batch": (dict(k_cache=jnp.ones((1, 96, 2, 32))), r"^k_cache must be \[B=2, S_max, H_kv, D=32\]"),
+    "heads_not_multiple": (dict(k_cache=jnp.ones((2, 96, 3, 32)), v_cache=jnp.ones((2, 96, 3, 32))),
+                           r"^num_heads: q has H=4 heads"),
+    "lengths_shape": (dict(lengths=jnp.array([3])), r"^lengths must be an integer array of shape \(B,\) = \(2,\)"),
+    "lengths_float": (dict(lengths=jnp.array([3.0, 4.0])), r"^lengths must be an integer array"),
+    "soft_cap_negative": (dict(logit_soft_cap=-1.0), r"^logit_soft_cap=-1.0 must be a positive number"),
+    "num_splits_zero": (dict(num_splits=0), r"^num_splits=0 must be a positive int"),
+    "block_not_dividing_cache": (dict(block_kv=64, implementation="interpret_tpu"),
+                                 r"^block_kv=64 must divide the cache length S_max=96"),
+    "tpu_block_unaligned": (dict(block_kv=12, implementation="interpret_tpu"),
+                            r"^block_kv=12 is illegal for the TPU decode kernel"),
+    "gpu_block_not_power_of_2": (dict(block_kv=48, implementation="interpret_gpu"),
+                                 r"^block_kv=48 is illegal for the GPU \(Triton\) decode kernel"),
+    "gpu_head_dim_not_power_of_2": (dict(q=jnp.ones((2, 4, 48)), k_cache=jnp.ones((2, 96, 2, 48)),
+                                         v_cache=jnp.ones((2, 96, 2, 48)), implementation="interpret_gpu"),
+                                    r"^head_dim=48 is not supported by the GPU \(Triton\) decode kernel"),
+}
+
+
+@pytest.mark.parametrize("bad", DECODE_BAD_INPUTS)
+def test_flash_decode_rejects_bad_input(bad):
+  overrides, message = DECODE_BAD_INPUTS[bad]
+  kwargs = dict(q=_DQ, k_cache=_CACHE, v_cache=_CACHE, lengths=_LENGTHS, implementation="reference") | overrides
+  with pytest.raises(ValueError, match=message):
+    flash_decode(**kwargs)
+
+
+@pytest.mark.parametrize("implementation", ["cuda", "splash", "triton"])
+def test_flash_attention_refuses_unknown_implementation(implementation):
+  with pytest.raises(ValueError, match=r"unknown implementation=.*choose one of \('reference'"):
+    flash_attention(_Q, _KV, _KV, implementation=implementation)
+
+
+def test_flash_attention_cost_counts_skipped_tiles():
+  # T = S = 256, D = 128, f32, (128, 128) blocks, one head: causal visits 3 of the 4 tiles.
+  # Forward bytes: q read + o written (2 x 256 x 128), k and v per visited tile (3 x 2 x 128 x 128), the
+  # lane-replicated lse (256 x 128); flops: two 128^3 matmuls per visited tile.
+  causal = cost(1, 256, 256, 1, 1, 128, jnp.float32)
+  assert causal == {"flops": 3 * 2 * 2 * 128 ** 3,
+                    "hbm_bytes": 4 * (2 * 256 * 128 + 3 * 2 * 128 * 128 + 256 * 128),
+                    "ideal_bytes": 4 * 4 * 256 * 128}
+  full = cost(1, 256, 256, 1, 1, 128, jnp.float32, causal=False)
+  assert full["flops"] == 4 * causal["flops"] // 3
+  # A 128-key window at T = S = 1024: every query block sees its diagonal tile and the one before.
+  window = cost(1, 1024, 1024, 1, 1, 128, jnp.float32, sliding_window=128)
+  assert window["flops"] == (1 + 7 * 2) * 2 * 2 * 128 ** 3
+  # D = 64 is padded to 128 lanes: twice the modelled traffic of q, k, v, o against the ideal.
+  narrow = cost(1, 256, 256, 1, 1, 64, jnp.bfloat16, backward=True)
+  assert narrow["hbm_bytes"] > 2 * narrow["ideal_bytes"] and narrow["flops"] == 3 * 9 * 2 * 256 * 128 * 128 // 2
+
+
+def test_flash_decode_cost_reads_only_valid_blocks():
+  # S_max = 1024 in blocks of 512 (the largest candidate dividing it), a single split; length 100 reads one block.
+  short, full = (cost_decode(1, 1024, 8, 2, 128, jnp.bfloat16, length=n, num_splits=1) for n in (100, 1024))
+  assert full["hbm_bytes"] - short["hbm_bytes"] == 2 * 512 * 2 * 128 * 2  # one more K and V block, bf16
+  assert short["ideal_bytes"] == 2 * 8 * 128 * 2 + 2 * 100 * 2 * 128 * 2
