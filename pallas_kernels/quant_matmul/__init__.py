@@ -145,7 +145,7 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
 
   Grid (N blocks, M blocks), N outer: each packed weight tile, scale and zero tile is fetched once; x is
   fetched once when M is a single block, else once per (N, M) step. Counted too: the XLA transpose of x into
-  group-major form (when groups > 1 or M is padded), padding copies of the weights when N is ragged for the
+  group-major form (groups not a multiple of 128 wide) or its padding copy (ragged M), padding copies of the weights when N is ragged for the
   block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
   second-level scales), x once and writes the output once. `scale_dtype` defaults to bf16 per group, f32 per
   channel, int8 codes for double-quantized NF4.
@@ -163,8 +163,8 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
   ideal = per_column * n + second_level + m * k * x_item + m * n * out_item
   moved = per_column * padded_n + second_level + padded_m * k * x_item * (1 if m_blocks == 1 else n_blocks)
   moved += padded_m * padded_n * out_item
-  if groups > 1 or padded_m != m:
-    moved += (m + padded_m) * k * x_item               # XLA: read x, write the padded group-major copy
+  if tpu.needs_group_major(k, groups) or padded_m != m:
+    moved += (m + padded_m) * k * x_item               # XLA: read x, write the padded (group-major) copy
   if padded_n != n:
     moved += per_column * (n + padded_n)               # XLA: padding copies of w, scale, zero
   if padded_m != m or padded_n != n:

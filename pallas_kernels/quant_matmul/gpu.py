@@ -66,7 +66,7 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, chunk: int
     for p, plane in enumerate(plane_codes):
       x = x_ref[p, :, pl.ds(k0, chunk)]
       part = jnp.dot(x, _decode(plane, fmt, has_zero).astype(x.dtype), preferred_element_type=jnp.float32)
-      g = jnp.minimum((p * segment + k0) // group, last_group)
+      g = jnp.minimum(lax.div(p * segment + k0, group), last_group)
       if zero_ref is not None:
         rowsum = jnp.sum(x.astype(jnp.float32), axis=1, keepdims=True)
         part = part - zero_ref[pl.ds(g, 1), :].astype(jnp.float32) * rowsum

@@ -6,8 +6,9 @@ spans the whole K: the planar layout (see `_packing`) puts rows i and i + K/2 in
 packed rows is not a contiguous K range -- whole-K tiles keep the unpack to two shift/mask ops and one aligned
 sublane concatenation.
 
-Group scales are applied to partial sums (MixPE): x arrives group-major, x_g [G, bm, K/G] (an XLA transpose,
-cheap at decode), the decoded tile is viewed as [G, K/G, bn] (a sublane split), and one batched dot gives
+Group scales are applied to partial sums (MixPE): x is cut into groups x_g [G, bm, K/G] -- by aligned lane
+slices in-kernel when K/G is a multiple of 128 (per channel, g128), else by an XLA transpose to group-major
+before the call (g64 at K = 576; cheap at decode, counted by the cost model) --, the decoded tile is viewed as [G, K/G, bn] (a sublane split), and one batched dot gives
 p_g = x_g . q_g in f32; out = sum_g s_g * p_g -- exact, because the scale is constant within a group -- and with
 zero points out = sum_g s_g * (p_g - z_g * rowsum(x_g)), also exact. So the per-element work on the [K, bn]
 tile is only the unpack/decode and a cast; scales touch [G, bm, bn] values instead of [K, bn].
@@ -21,6 +22,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
@@ -30,6 +32,7 @@ from pallas_kernels.quant_matmul import reference
 DEFAULT_BLOCK_M = 256   # rows of x per tile; decode batches (M <= 256) are one block, so weights stream once
 DEFAULT_BLOCK_N = 512   # wide N tiles: fewer grid steps; a [576, 512] int4 tile is 144 KiB packed, 1.2 MiB decoded
 _N_CANDIDATES = (512, 384, 256, 128)  # default block_n: the widest of these that divides N (no weight padding)
+_MAX_WHOLE_N = 1024
 
 
 def resolve_blocks(m: int, k: int, n: int, fmt: str, *, groups: int = 1, double_quant: bool = False,
@@ -44,7 +47,8 @@ def resolve_blocks(m: int, k: int, n: int, fmt: str, *, groups: int = 1, double_
   block_m = _util.tpu_block("block_m", block_m, m, default=DEFAULT_BLOCK_M, align=8)
   if block_n is None:
     fits = [c for c in _N_CANDIDATES if n % c == 0 and (not double_quant or c % 256 == 0 or 256 % c == 0)]
-    block_n = fits[0] if fits else DEFAULT_BLOCK_N
+    # No candidate divides N (e.g. 576): one whole-N tile, if it stays VMEM-sized, rather than padding weights.
+    block_n = fits[0] if fits else (n if n <= _MAX_WHOLE_N else DEFAULT_BLOCK_N)
   block_n = _util.tpu_block("block_n", block_n, n, default=DEFAULT_BLOCK_N, align=128)
   if double_quant and block_n < n and block_n % 256 and 256 % block_n:
     raise ValueError(f"block_n={block_n} is illegal for the TPU kernel with double-quantized NF4 scales: it must "
@@ -59,7 +63,7 @@ def _tile_absmax(codes, dq_ref, offset_ref, *, block_n: int):
   segments, start = [], 0
   while start < block_n:  # the tile's 256-column segments (one when bn divides 256)
     width = min(block_n - start, reference.DOUBLE_QUANT_BLOCK - start % reference.DOUBLE_QUANT_BLOCK)
-    index = (first + start) // reference.DOUBLE_QUANT_BLOCK
+    index = lax.div(first + start, reference.DOUBLE_QUANT_BLOCK)  # non-negative: no floor_divide sign fix-up
     column = dq_ref[:, 0:1]
     for b in range(1, num_blocks):  # select, not gather: Mosaic has no lane-dynamic indexing
       column = jnp.where(index == b, dq_ref[:, b:b + 1], column)
@@ -73,11 +77,16 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_qua
   zero_ref = refs[0] if has_zero else None
   dq_ref, offset_ref = refs[has_zero:has_zero + 2] if double_quant else (None, None)
   out_ref = refs[-1]
-  groups, _, group = x_ref.shape
+  groups = scale_ref.shape[0]
+  if len(x_ref.shape) == 3:  # group-major from the wrapper
+    x = x_ref[...]
+  else:  # [bm, K] with 128-aligned groups: slice the lanes per group here, no HBM transpose
+    group = x_ref.shape[1] // groups
+    x = jnp.stack([x_ref[:, g * group:(g + 1) * group] for g in range(groups)])
+  group = x.shape[2]
   # Decode the whole-K tile: unpack (shifts/masks), offset or look up, cast to the MXU operand dtype.
   values = reference.weight_values(w_ref[...], fmt, zero_ref)
-  values = values.reshape(groups, group, values.shape[-1]).astype(x_ref.dtype)  # f32 sublane split: group % 8 == 0
-  x = x_ref[...]
+  values = values.reshape(groups, group, values.shape[-1]).astype(x.dtype)  # f32 sublane split: group % 8 == 0
   partial = jnp.einsum("gmk,gkn->gmn", x, values, preferred_element_type=jnp.float32)  # [G, bm, bn]
   if zero_ref is not None:
     rowsum = jnp.sum(x.astype(jnp.float32), axis=2, keepdims=True)                   # [G, bm, 1]
@@ -89,12 +98,15 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_qua
   out_ref[...] = jnp.sum(partial * scale[:, None, :], axis=0).astype(out_ref.dtype)
 
 
+def needs_group_major(k: int, groups: int) -> bool:
+  """Whether x must be transposed to group-major by XLA: only when groups are not whole 128-lane runs."""
+  return groups > 1 and (k // groups) % 128 != 0
+
+
 def group_major(x, groups: int, padded_m: int):
   """x [M, K] -> [G, padded M, K/G]: each group's K slice a contiguous [M, K/G] slab (lane dim = K/G)."""
   m, k = x.shape
   x = _util.pad_to(x, (padded_m, k))
-  if groups == 1:
-    return x[None]
   return x.reshape(padded_m, groups, k // groups).transpose(1, 0, 2)
 
 
@@ -108,10 +120,13 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
                                     block_m=blocks[0], block_n=blocks[1])
   padded_m, padded_n = _util.round_up(m, block_m), _util.round_up(n, block_n)
   column = lambda rows: pl.BlockSpec((rows, block_n), lambda j, i: (0, j))  # whole rows, this N tile
-  operands = [group_major(x, groups, padded_m), _util.pad_to(w, (w.shape[0], padded_n)),
-              _util.pad_to(scale, (groups, padded_n))]
-  in_specs = [pl.BlockSpec((groups, block_m, k // groups), lambda j, i: (0, i, 0)), column(w.shape[0]),
-              column(groups)]
+  if needs_group_major(k, groups):
+    x_operand, x_spec = (group_major(x, groups, padded_m),
+                         pl.BlockSpec((groups, block_m, k // groups), lambda j, i: (0, i, 0)))
+  else:
+    x_operand, x_spec = _util.pad_to(x, (padded_m, k)), pl.BlockSpec((block_m, k), lambda j, i: (i, 0))
+  operands = [x_operand, _util.pad_to(w, (w.shape[0], padded_n)), _util.pad_to(scale, (groups, padded_n))]
+  in_specs = [x_spec, column(w.shape[0]), column(groups)]
   if zero_point is not None:
     operands.append(_util.pad_to(zero_point, (groups, padded_n)))
     in_specs.append(column(groups))
