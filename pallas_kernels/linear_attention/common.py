@@ -13,9 +13,8 @@ one extra value column of ones: its state column is z_t (the decayed key sum) an
 Chunked form (chunk of C steps, state S entering it, b = inclusive cumsum of g inside the chunk, b_C its last
 row): o = (q * e^b) S + A v with A_ij = sum_d q_id k_jd e^(b_id - b_jd) for j <= i, and
 S' = e^(b_C) * S + (k * e^(b_C - b))^T v. A fixed decay uses the exact [C, C] decay matrix e^(b_i - b_j);
-GLA gates factor it as (q e^(b - b_m)) (k e^(b_m - b))^T around the chunk's middle row m, which is exact while
-|cumulative log gate| inside one chunk stays below ~80 per half chunk (f32 exp range): use smaller chunks for
-gates that strong.
+GLA gates factor A into a few matmuls over sub-chunks of 16 with every exponent <= 0 or bounded by half a
+sub-chunk of gates (`_gated_pairs`), so strong gates (log gate -5 per step, chunk 64) stay finite and exact.
 """
 from __future__ import annotations
 
@@ -153,16 +152,55 @@ def _gate_terms(g, chunk):
     # Fixed decay: the exact decay matrix e^(b_i - b_j); the where() keeps the overflowing j > i entries out.
     terms["decay"] = jnp.where(causal, jnp.exp(jnp.where(causal, b - column_to_row(b), 0.0)), 0.0)
   else:
-    b_mid = jnp.sum(jnp.where(lax.broadcasted_iota(jnp.int32, (chunk, 1), 0) <= chunk // 2, g, 0.0), axis=0, keepdims=True)
-    terms["q_factor"], terms["k_factor"] = jnp.exp(b - b_mid), jnp.exp(b_mid - b)
+    terms["pairs"] = _gated_pairs(b, chunk)
     terms["chunk_decay"] = row_to_column(terms["chunk_decay"])  # [K, 1]: scales the state's rows
   return terms
 
 
+def _row(x, index):
+  """Row `index` of x [C, n] as [1, n], by a masked reduction (Triton cannot lower a slice)."""
+  rows = lax.broadcasted_iota(jnp.int32, (x.shape[0], 1), 0)
+  return jnp.sum(jnp.where(rows == index, x, 0.0), axis=0, keepdims=True)
+
+
+def _factor(exponent, rows):
+  """exp(exponent) on the selected rows [C, 1], 0 elsewhere (never exponentiating what is thrown away)."""
+  return jnp.where(rows, jnp.exp(jnp.where(rows, exponent, 0.0)), 0.0)
+
+
+def sub_chunk(chunk: int) -> int:
+  """Sub-chunk length of the gated intra-chunk scores: 16 (or 8) where it divides the chunk, else the chunk."""
+  return next((size for size in (16, 8) if chunk % size == 0 and chunk > size), chunk)
+
+
+def _gated_pairs(b, chunk):
+  """Factorizations (q_factor, k_factor, mask) whose masked products q_factor k_factor^T sum to the GLA decay
+  e^(b_i - b_j) over i >= j, with every exponent bounded (so nothing overflows for strong gates, as in fla):
+  - pairs i, j in the same sub-chunk: around that sub-chunk's middle row (|exponent| <= half a sub-chunk of gates);
+  - i in a later sub-chunk than j in sub-chunk J: around J's last row r, e^(b_i - r) <= 1 and e^(r - b_j) <= 1.
+  """
+  size = sub_chunk(chunk)
+  # lax.div, not //: jnp's floor division of ints emits `sign`, which Mosaic lowers only with a TPU attached.
+  sub_block = lambda index: lax.div(index, jnp.int32(size))
+  block = sub_block(lax.broadcasted_iota(jnp.int32, (chunk, 1), 0))  # each row's sub-chunk
+  row_index, col_index = _iotas(chunk)
+  same_block = (sub_block(row_index) == sub_block(col_index)) & (row_index >= col_index)
+  middle = sum(jnp.where(block == j, _row(b, j * size + size // 2), 0.0) for j in range(chunk // size))
+  pairs = [(jnp.exp(b - middle), jnp.exp(middle - b), same_block)]
+  for j in range(chunk // size - 1):
+    end = _row(b, j * size + size - 1)
+    pairs.append((_factor(b - end, block > j), _factor(end - b, block == j), None))  # zero outside the pair
+  return pairs
+
+
 def _intra_scores(q, k, terms):
   """A [C, C]: the causal, decayed q_i . k_j within the chunk."""
-  if "q_factor" in terms:
-    return jnp.where(terms["causal"], mm_nt(q * terms["q_factor"], k * terms["k_factor"]), 0.0)
+  if "pairs" in terms:
+    scores = 0.0
+    for q_factor, k_factor, mask in terms["pairs"]:
+      product = mm_nt(q * q_factor, k * k_factor)
+      scores = scores + (product if mask is None else jnp.where(mask, product, 0.0))
+    return scores
   scores = jnp.where(terms["causal"], mm_nt(q, k), 0.0)
   return scores * terms["decay"] if "decay" in terms else scores
 
@@ -194,9 +232,12 @@ def chunk_backward(q, k, v, g, state, d_out, d_state):
     dq = mm_nt(d_out, state) + mm(d_scores, k)
     dk = mm_nt(v, d_state) + mm_tn(d_scores, q)
     return dq, dk, dv + mm(k, d_state), d_state + mm_tn(q, d_out), None
-  if "q_factor" in terms:
-    dq_intra = mm(d_scores, k * terms["k_factor"]) * terms["q_factor"]
-    dk_intra = mm_tn(d_scores, q * terms["q_factor"]) * terms["k_factor"]
+  if "pairs" in terms:
+    dq_intra = dk_intra = 0.0
+    for q_factor, k_factor, mask in terms["pairs"]:
+      d_pair = d_scores if mask is None else jnp.where(mask, d_scores, 0.0)
+      dq_intra = dq_intra + mm(d_pair, k * k_factor) * q_factor
+      dk_intra = dk_intra + mm_tn(d_pair, q * q_factor) * k_factor
   else:
     d_scores = d_scores * terms["decay"]
     dq_intra, dk_intra = mm(d_scores, k), mm_tn(d_scores, q)

@@ -3,7 +3,7 @@ naive quadratic form in f32 -- outputs, final states and every gradient (q, k, v
 state); recurrent_step continuation; bad inputs; cost model.
 
 Shapes are tiny but cover every path: T = 37 is ragged for every chunk (TPU/XLA chunk 8: 5 chunks; GPU chunk 16:
-3 chunks), K = 6 and V = 5 are padded by both kernels (TPU to 128 lanes, GPU to 16), B * H = 4 grid programs, and
+3 chunks with two gate sub-chunks each; chunk 32 for strong gates), K = 6 and V = 5 are padded by both kernels (TPU to 128 lanes, GPU to 16), B * H = 4 grid programs, and
 every case starts from a non-zero initial state. Each case jits forward + backward together, so a kernel case costs
 one compilation of each of its two pallas_calls.
 """
@@ -20,14 +20,18 @@ from pallas_kernels.linear_attention import (IMPLEMENTATIONS, common, cost, line
 from tests.helpers import TOLERANCE, assert_close
 
 B, T, H, K, V = 2, 37, 2, 6, 5
-# name -> (feature_map, gating (None / 'decay' / 'gates'), normalize, dtype)
+# name -> (feature_map, gating (None / 'decay' / 'gates' / 'strong_gates'), normalize, dtype)
+# (Plain, ungated linear attention is the taylor case; the identity map is the GLA cases'.)
 CASES = {
-    "identity": ("identity", None, False, jnp.float32),
     "elu1_decay_normalized": ("elu1", "decay", True, jnp.float32),   # TransNormer-style: decay + normalizer
     "taylor_normalized": ("taylor", None, True, jnp.float32),        # Based: K' = 1 + 6 + 36 = 43
     "relu_gla": ("relu", "gates", False, jnp.float32),
+    # log gates ~ U(-12, 0) with chunk 32 (two sub-chunks of 16 per chunk): a single factorization around the
+    # chunk's middle would need e^(16 * 6) > f32 max; the sub-chunked one stays finite.
+    "gla_strong_gates_chunk32": ("identity", "strong_gates", False, jnp.float32),
     "gla_bf16": ("identity", "gates", False, jnp.bfloat16),
 }
+CHUNK_OVERRIDES = {"gla_strong_gates_chunk32": 32}
 # (implementation, form, chunk_size): the forms checked against `naive`. Chunks are legal for each kernel.
 FORMS = [("reference", "recurrent", None), ("xla", "chunk", 8)] + [
     (name, "chunk", 16 if name == "interpret_gpu" else 8)
@@ -45,6 +49,8 @@ def _inputs(case):
   log_decay = jnp.log(jnp.asarray([0.9, 0.6], jnp.float32)) if gating == "decay" else None
   # GLA's gates: log-sigmoid, leaning towards 1 like trained models (which divide by a temperature).
   log_gates = jax.nn.log_sigmoid(normal(B, T, H, key_dim) + 2.0) if gating == "gates" else None
+  if gating == "strong_gates":
+    log_gates = jnp.asarray(rng.uniform(-12.0, 0.0, (B, T, H, key_dim)), jnp.float32)
   if normalize:
     # A state that a real prefix leaves behind, so normalizers q . z stay positive: sum_s phi(k_s) [v_s, 1]^T.
     prefix_k, prefix_v = common.apply_feature_map(normal(B, 4, H, K), feature_map), normal(B, 4, H, V)
@@ -83,6 +89,8 @@ def _expected(case):
 @pytest.mark.parametrize("implementation, form, chunk_size", FORMS, ids=[f"{i}-{f}" for i, f, _ in FORMS])
 def test_linear_attention_matches_naive(implementation, form, chunk_size, case):
   dtype = jnp.dtype(CASES[case][3])
+  if chunk_size is not None:
+    chunk_size = CHUNK_OVERRIDES.get(case, chunk_size)
   (out, final), grads = _forward_and_grads(case, implementation, form, chunk_size)
   (expected_out, expected_final), expected_grads = _expected(case)
   tol = TOLERANCE[dtype]
