@@ -8,6 +8,7 @@ and logical axis names are static metadata.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -102,6 +103,17 @@ def quantize(x, fmt, *, axis: int = 0, group_size: int | None = None, granularit
     raise ValueError(f"logical_axes={logical_axes!r} must name all {x.ndim} axes of x.")
   if scale_dtype is None:
     scale_dtype = jnp.bfloat16 if granularity == "group" else jnp.float32
+  fields = _quantize_fields(x, fmt.name, axis, group_size, granularity, symmetric, jnp.dtype(scale_dtype).name,
+                            bool(double_quant))
+  return QArray(**fields, fmt=fmt.name, shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, axis=axis,
+                granularity=granularity, group_size=group_size,
+                logical_axes=None if logical_axes is None else tuple(logical_axes))
+
+
+@functools.partial(jax.jit, static_argnums=range(1, 8))
+def _quantize_fields(x, fmt_name, axis, group_size, granularity, symmetric, scale_dtype, double_quant):
+  """The arrays of a QArray (one compiled program per configuration and shape)."""
+  fmt = formats.get(fmt_name)
   x2 = _canonical(x, axis).astype(jnp.float32)
   per_tensor = granularity == "tensor"
   fields = {}
@@ -115,9 +127,7 @@ def quantize(x, fmt, *, axis: int = 0, group_size: int | None = None, granularit
     fields["qvalue"], fields["scale"] = formats.quantize_fp8(x2, fmt, group_size, per_tensor)
   else:
     fields["qvalue"], fields["scale"] = formats.quantize_mx(x2, fmt)
-  return QArray(**fields, fmt=fmt.name, shape=tuple(x.shape), dtype=jnp.dtype(x.dtype).name, axis=axis,
-                granularity=granularity, group_size=group_size,
-                logical_axes=None if logical_axes is None else tuple(logical_axes))
+  return fields
 
 
 def _resolve_granularity(fmt, granularity, group_size, k):
@@ -148,6 +158,11 @@ def _resolve_granularity(fmt, granularity, group_size, k):
 
 def dequantize(q: QArray, dtype=None):
   """The float array `q` stands for, in `dtype` (default: the quantized array's original dtype)."""
+  return _dequantize(q, jnp.dtype(dtype or q.dtype).name)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _dequantize(q: QArray, dtype: str):
   fmt = formats.get(q.fmt)
   k, g = q.contraction_size, q.group_size
   if fmt.kind == "int":
@@ -159,7 +174,7 @@ def dequantize(q: QArray, dtype=None):
   else:
     x2 = formats.dequantize_mx(q.qvalue, q.scale, fmt, k)
   moved_shape = (k,) + tuple(d for i, d in enumerate(q.shape) if i != q.axis)
-  return jnp.moveaxis(x2.reshape(moved_shape), 0, q.axis).astype(dtype or q.dtype)
+  return jnp.moveaxis(x2.reshape(moved_shape), 0, q.axis).astype(dtype)
 
 
 def nbytes(q: QArray) -> int:
@@ -178,3 +193,18 @@ def sqnr_db(x, y) -> jax.Array:
   x = jnp.asarray(x, jnp.float32)
   y = jnp.asarray(y, jnp.float32)
   return 20.0 * jnp.log10(jnp.linalg.norm(x) / jnp.linalg.norm(x - y))
+
+
+def matmul(x, q: QArray, *, implementation=None, block_m=None, block_n=None, out_dtype=None):
+  """x [..., K] @ the weight `q` stands for -> [..., N], by `pallas_kernels.quant_matmul` (weight-only kernel;
+  differentiable w.r.t. x). `q` must be a 2-D [K, N] weight quantized along axis 0 as int8, int4 or nf4."""
+  from pallas_kernels.quant_matmul import FORMATS, quant_matmul  # the kernels need no Flax; import on use
+  if q.fmt not in FORMATS or len(q.shape) != 2 or q.axis != 0:
+    raise ValueError(f"q must be a 2-D [K, N] weight quantized along axis 0 in one of {FORMATS}; got "
+                     f"fmt={q.fmt!r}, shape={q.shape}, axis={q.axis}.")
+  if q.granularity == "tensor":  # the kernel takes one scale row per group: broadcast the single scale
+    q = q.replace(scale=jnp.broadcast_to(q.scale, (1, q.shape[1])),
+                  zero_point=None if q.zero_point is None else jnp.broadcast_to(q.zero_point, (1, q.shape[1])))
+  return quant_matmul(x, q.qvalue, q.scale, q.zero_point, fmt=q.fmt, scale_scale=q.scale_scale,
+                      scale_offset=q.scale_offset, implementation=implementation, block_m=block_m,
+                      block_n=block_n, out_dtype=out_dtype)

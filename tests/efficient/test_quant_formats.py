@@ -1,5 +1,6 @@
 """efficient.quant formats: exact packing, RTN error bounds, SQNR thresholds (torchao style), honest bytes/param,
 the QLoRA NF4 levels, OCP MX power-of-two scales, and bad input."""
+import functools
 import math
 
 import hypothesis
@@ -30,15 +31,23 @@ def _sqnr(x, fmt, **kwargs):
 
 # --- packing --------------------------------------------------------------------------------------------------
 
-@hypothesis.settings(max_examples=40, deadline=None)
-@hypothesis.given(bits=st.sampled_from([2, 3, 4, 8]), words=st.integers(1, 6), cols=st.integers(1, 5),
-                  seed=st.integers(0, 2 ** 31 - 1))
-def test_pack_unpack_round_trip_is_exact(bits, words, cols, seed):
+@functools.partial(jax.jit, static_argnums=1)
+def _pack_round_trip(codes, bits):
+  packed = _packing.pack(codes, bits)
+  return packed, _packing.unpack(packed, bits)
+
+
+# Few distinct shapes (each compiles once); hypothesis varies the codes, including all-zero and all-max words.
+@hypothesis.settings(max_examples=30, deadline=None)
+@hypothesis.given(bits=st.sampled_from([2, 3, 4, 8]), words=st.sampled_from([1, 3]), cols=st.sampled_from([1, 5]),
+                  fill=st.sampled_from(["random", "zeros", "max"]), seed=st.integers(0, 2 ** 31 - 1))
+def test_pack_unpack_round_trip_is_exact(bits, words, cols, fill, seed):
   k = words * _packing.values_per_word(bits)
   codes = np.random.default_rng(seed).integers(0, 2 ** bits, (k, cols), dtype=np.uint8)
-  packed = _packing.pack(jnp.asarray(codes), bits)
+  codes = {"random": codes, "zeros": np.zeros_like(codes), "max": np.full_like(codes, 2 ** bits - 1)}[fill]
+  packed, unpacked = _pack_round_trip(jnp.asarray(codes), bits)
   assert packed.dtype == jnp.uint8 and packed.shape == (k * bits // 8, cols)
-  np.testing.assert_array_equal(np.asarray(_packing.unpack(packed, bits)), codes)
+  np.testing.assert_array_equal(np.asarray(unpacked), codes)
 
 
 def test_int4_layout_is_planar():
@@ -184,6 +193,18 @@ def test_qarray_is_a_pytree_that_jits_and_keeps_shape_dtype_and_axes():
   y = jax.jit(quant.dequantize)(rebuilt)
   assert y.shape == x.shape and y.dtype == jnp.bfloat16 and rebuilt.logical_axes == ("heads", "embed", "mlp")
   assert _sqnr(x, "int4", axis=1, group_size=32, symmetric=False) > 18.0
+
+
+@pytest.mark.parametrize("fmt, kwargs", [("int8", dict(granularity="tensor")), ("int4", dict(group_size=32)),
+                                         ("int4", dict(group_size=32, symmetric=False)), ("nf4", {})])
+def test_matmul_runs_the_weight_only_kernel_on_a_qarray(fmt, kwargs):
+  x, w = _gaussian((4, 128), seed=9), _gaussian((128, 64), seed=10)
+  q = quant.quantize(w, fmt, **kwargs)
+  expected = jnp.matmul(x, quant.dequantize(q), precision=jax.lax.Precision.HIGHEST)
+  np.testing.assert_allclose(np.asarray(quant.matmul(x, q, implementation="reference")), np.asarray(expected),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match=r"^q must be a 2-D \[K, N\] weight quantized along axis 0"):
+    quant.matmul(x, quant.quantize(w, "mxfp4"))
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
