@@ -94,6 +94,22 @@ def clamp_block(index, first, last, num_blocks):
   return jnp.minimum(jnp.maximum(index, 0), num_blocks - 1)
 
 
+def tile_needs_mask(i, j, g: Geometry):
+  """Whether tile (query block i, key block j) holds a hidden (query, key) pair, segment ids aside: it reaches
+  into key padding, crosses the causal diagonal or the window's left edge. Padded query rows need no mask: their
+  results are dropped (and their lse = +inf zeroes them in the backward)."""
+  q_first = i * g.block_q + g.offset
+  q_last = q_first + g.block_q - 1
+  k_first = j * g.block_kv
+  k_last = k_first + g.block_kv - 1
+  needs = k_last >= g.kv_len
+  if g.causal:
+    needs = needs | (k_last > q_first)
+  if g.window:
+    needs = needs | (k_first <= q_last - g.window)
+  return needs
+
+
 def visible(q_start, kv_start, shape, g: Geometry, q_segment=None, kv_segment=None):
   """Bool [bq, bkv] mask of a (query block, key block) tile starting at rows q_start, columns kv_start.
 

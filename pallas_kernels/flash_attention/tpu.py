@@ -63,9 +63,12 @@ def _segment_operands(q_seg, kv_seg, g):
           jnp.broadcast_to(kv_seg[:, None, :], (kv_seg.shape[0], SUBLANES, kv_seg.shape[1])))
 
 
-def _tile(q_ref, k_ref, segment_refs, i, j, g):
-  """(capped f32 logits [bq, bkv], visibility mask) of query block i against key block j."""
+def _tile(q_ref, k_ref, segment_refs, i, j, g, masked):
+  """(capped f32 logits [bq, bkv], visibility mask or None for a tile known to be fully visible) of query
+  block i against key block j."""
   s = _common.logits(lax.dot_general(q_ref[...], k_ref[...], _NT, preferred_element_type=jnp.float32), g)
+  if not masked:
+    return s, None
   segments = {}
   if segment_refs:
     q_seg_ref, kv_seg_ref = segment_refs
@@ -73,9 +76,18 @@ def _tile(q_ref, k_ref, segment_refs, i, j, g):
   return s, _common.visible(i * g.block_q, j * g.block_kv, s.shape, g, **segments)
 
 
-def _kv_visible(i, j, g):
+def _when_visible(i, j, g, has_segments, compute):
+  """Runs `compute(masked)` for a visible tile: with the element mask on boundary tiles (the causal diagonal,
+  window edge, key padding, or any tile when segment ids are given) and without it inside the visible region,
+  which saves the iota/compare/select work on most tiles of a long causal sequence."""
   first, last = _common.kv_block_range(i, g)
-  return (j >= first) & (j <= last)
+  visible = (j >= first) & (j <= last)
+  if has_segments:
+    pl.when(visible)(lambda: compute(True))
+    return
+  needs_mask = _common.tile_needs_mask(i, j, g)
+  pl.when(visible & needs_mask)(lambda: compute(True))
+  pl.when(visible & jnp.logical_not(needs_mask))(lambda: compute(False))
 
 
 def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
@@ -88,10 +100,10 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
     l_ref[...] = jnp.zeros_like(l_ref)
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  @pl.when(_kv_visible(i, j, g))
-  def _compute():
-    s, ok = _tile(q_ref, k_ref, segment_refs, i, j, g)
-    s = jnp.where(ok, s, -jnp.inf)
+  def compute(masked):
+    s, ok = _tile(q_ref, k_ref, segment_refs, i, j, g, masked)
+    if ok is not None:
+      s = jnp.where(ok, s, -jnp.inf)
     m_prev = m_ref[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))  # [bq, 128], lanes equal
     p = jnp.exp(s - m_next[:, :1])
@@ -101,6 +113,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
     acc_ref[...] = acc_ref[...] * alpha[:, :1] + pv
     m_ref[...] = m_next
 
+  _when_visible(i, j, g, has_segments, compute)
+
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
     out, lse = _common.finish(acc_ref[...], m_ref[...][:, :1], l_ref[...][:, :1])
@@ -108,10 +122,12 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
     lse_ref[...] = jnp.broadcast_to(lse, lse_ref.shape)
 
 
-def _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g):
+def _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g, masked):
   """P = exp(s - lse) (0 where masked) and dS w.r.t. the raw q.k products, both [bq, bkv] f32."""
-  s, ok = _tile(q_ref, k_ref, segment_refs, i, j, g)
-  p = jnp.where(ok, jnp.exp(s - lse_ref[...][:, :1]), 0.0)
+  s, ok = _tile(q_ref, k_ref, segment_refs, i, j, g, masked)
+  p = jnp.exp(s - lse_ref[...][:, :1])
+  if ok is not None:
+    p = jnp.where(ok, p, 0.0)
   dp = lax.dot_general(do_ref[...], v_ref[...], _NT, preferred_element_type=jnp.float32)
   return p, _common.logits_grad(p * (dp - delta_ref[...][:, :1]), s, g)
 
@@ -124,10 +140,12 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g, has_se
   def _init():
     acc_ref[...] = jnp.zeros_like(acc_ref)
 
-  @pl.when(_kv_visible(i, j, g))
-  def _compute():
-    _, ds = _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g)
+  def compute(masked):
+    _, ds = _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g,
+                                  masked)
     acc_ref[...] += jnp.dot(ds.astype(k_ref.dtype), k_ref[...], preferred_element_type=jnp.float32)
+
+  _when_visible(i, j, g, has_segments, compute)
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _finish():
@@ -144,12 +162,14 @@ def _dkv_kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, g, has_s
     dk_acc[...] = jnp.zeros_like(dk_acc)
     dv_acc[...] = jnp.zeros_like(dv_acc)
 
-  @pl.when(_kv_visible(i, j, g))
-  def _compute():
-    p, ds = _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g)
+  def compute(masked):
+    p, ds = _probabilities_and_ds(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, segment_refs, i, j, g,
+                                  masked)
     # Transpose in f32, then cast (as jax's own TPU kernel does): the layout Mosaic transposes best.
     dv_acc[...] += jnp.dot(p.T.astype(do_ref.dtype), do_ref[...], preferred_element_type=jnp.float32)
     dk_acc[...] += jnp.dot(ds.T.astype(q_ref.dtype), q_ref[...], preferred_element_type=jnp.float32)
+
+  _when_visible(i, j, g, has_segments, compute)
 
   @pl.when(r == pl.num_programs(3) - 1)
   def _finish():

@@ -28,20 +28,28 @@ def _segments(batch, length, bounds):
 # kernel styles (TPU: block_q % 8, block_kv % 128; GPU: powers of two >= 16). Each case combines several
 # features, because every interpret-mode case compiles three kernels (forward, dq, dk/dv).
 CASES = {
-    # T = S = 260 ragged for (32, 128) blocks: 9 x 3 tiles; the causal diagonal skips upper tiles and the
-    # 64-key window skips kv block 0 for the last query blocks. GQA group 2, head_dim 64 (padded to 128 on TPU).
-    "causal_window_gqa_ragged": dict(shape=(1, 260, 260, 4, 2, 64), dtype=jnp.float32,
-                                     options=dict(sliding_window=64, block_q=32, block_kv=128)),
+    # T = S = 300 ragged for (32, 128) blocks: 10 x 3 tiles; causal skipping of the upper tiles, the 160-key
+    # window skips kv block 0 for query block 9, and tiles such as (4, 0) are fully visible (the TPU kernels'
+    # mask-free path). GQA group 2, head_dim 64 (padded to 128 on TPU).
+    "causal_window_gqa_ragged": dict(shape=(1, 300, 300, 4, 2, 64), dtype=jnp.float32,
+                                     options=dict(sliding_window=160, block_q=32, block_kv=128)),
     # T = 40 < S = 168 (the last query sees the last key: offset 128), MQA, soft cap, (q, kv) segment pair in
     # which queries 20..22 have no visible key of their segment (their output and gradients are zero).
     "prefill_segments_softcap_mqa": dict(
         shape=(2, 40, 168, 2, 1, 32), dtype=jnp.float32,
         options=dict(logit_soft_cap=5.0, block_q=16, block_kv=128),
         segments=((20,), (100, 151)), segment_values=((1, 2), (1, 3, 2))),
-    # Non-causal with one segment_ids array (T == S), bf16, head_dim 128, default blocks, explicit scale.
-    "noncausal_segments_bf16": dict(shape=(1, 64, 64, 2, 2, 128), dtype=jnp.bfloat16,
-                                    options=dict(causal=False, scale=0.1), segments=((24, 40),)),
+    # Non-causal, bf16, head_dim 128, default blocks (one whole tile, mask-free on TPU), explicit scale.
+    "noncausal_bf16": dict(shape=(1, 64, 64, 2, 2, 128), dtype=jnp.bfloat16, options=dict(causal=False, scale=0.1)),
 }
+
+
+def test_one_segment_ids_array_means_the_same_ids_for_queries_and_keys():
+  q, k, v = (jnp.asarray(np.random.default_rng(2).standard_normal((1, 16, 2, 8)), jnp.float32) for _ in range(3))
+  ids = _segments(1, 16, (5, 11))
+  one, pair = (flash_attention(q, k, v, segment_ids=s, implementation="xla", block_q=8, block_kv=8)
+               for s in (ids, (ids, ids)))
+  np.testing.assert_array_equal(one, pair)
 
 
 def test_xla_path_memory_is_linear_in_sequence_length():
