@@ -51,11 +51,16 @@ def _dot_nt(a, b):
   return jnp.dot(a, b.T, preferred_element_type=jnp.float32)
 
 
-def _tile_logits(q, k, q_seg, kv_seg, i, j, g):
-  """(capped f32 logits [bq, bkv], visibility mask) of query block i against key block j."""
-  s = _common.logits(_dot_nt(q, k), g)
-  segments = {} if q_seg is None else dict(q_segment=q_seg[:, None], kv_segment=kv_seg[None, :])
-  return s, _common.visible(i * g.block_q, j * g.block_kv, s.shape, g, **segments)
+def _hide(x, fill, q_seg, kv_seg, i, j, g):
+  """x [bq, bkv] with the hidden (query, key) pairs of tile (i, j) set to `fill`. Without segment ids the mask
+  is only built on boundary tiles (diagonal, window edge, key padding): a `lax.cond` skips the iota/compare/
+  select work on fully visible tiles."""
+  def apply(x):
+    segments = {} if q_seg is None else dict(q_segment=q_seg[:, None], kv_segment=kv_seg[None, :])
+    return jnp.where(_common.visible(i * g.block_q, j * g.block_kv, x.shape, g, **segments), x, fill)
+  if q_seg is not None:
+    return apply(x)
+  return lax.cond(_common.tile_needs_mask(i, j, g), apply, lambda x: x, x)
 
 
 def _rows(start, size):
@@ -72,8 +77,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
     m, l, acc = carry
     kv_rows = _rows(j, g.block_kv)
     kv_seg = None if kv_seg_ref is None else kv_seg_ref[kv_rows]
-    s, ok = _tile_logits(q, k_ref[kv_rows, :], q_seg, kv_seg, i, j, g)
-    s = jnp.where(ok, s, -jnp.inf)
+    s = _hide(_common.logits(_dot_nt(q, k_ref[kv_rows, :]), g), -jnp.inf, q_seg, kv_seg, i, j, g)
     m_next = jnp.maximum(m, jnp.max(s, axis=1))
     p = jnp.exp(s - m_next[:, None])
     alpha = jnp.exp(m - m_next)
@@ -91,8 +95,8 @@ def _forward_kernel(q_ref, k_ref, v_ref, *refs, g, has_segments):
 
 def _p_and_ds(q, k, v, do, lse, delta, q_seg, kv_seg, i, j, g):
   """P = exp(s - lse) (0 where masked) and dS w.r.t. the raw q.k products, both [bq, bkv] f32."""
-  s, ok = _tile_logits(q, k, q_seg, kv_seg, i, j, g)
-  p = jnp.where(ok, jnp.exp(s - lse[:, None]), 0.0)
+  s = _common.logits(_dot_nt(q, k), g)
+  p = _hide(jnp.exp(s - lse[:, None]), 0.0, q_seg, kv_seg, i, j, g)
   dp = _dot_nt(do, v)
   return p, _common.logits_grad(p * (dp - delta[:, None]), s, g)
 
