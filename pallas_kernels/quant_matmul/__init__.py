@@ -145,8 +145,8 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
 
   Grid (N blocks, M blocks), N outer: each packed weight tile, scale and zero tile is fetched once; x is
   fetched once when M is a single block, else once per (N, M) step. Counted too: the XLA transpose of x into
-  group-major form (groups not a multiple of 128 wide) or its padding copy (ragged M), padding copies of the weights when N is ragged for the
-  block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
+  group-major form (groups not a multiple of 128 wide) or its padding copy (ragged M), padding copies of the
+  weights when N is ragged for the block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
   second-level scales), x once and writes the output once. `scale_dtype` defaults to bf16 per group, f32 per
   channel, int8 codes for double-quantized NF4.
   """

@@ -8,10 +8,15 @@ sublane concatenation.
 
 Group scales are applied to partial sums (MixPE): x is cut into groups x_g [G, bm, K/G] -- by aligned lane
 slices in-kernel when K/G is a multiple of 128 (per channel, g128), else by an XLA transpose to group-major
-before the call (g64 at K = 576; cheap at decode, counted by the cost model) --, the decoded tile is viewed as [G, K/G, bn] (a sublane split), and one batched dot gives
-p_g = x_g . q_g in f32; out = sum_g s_g * p_g -- exact, because the scale is constant within a group -- and with
-zero points out = sum_g s_g * (p_g - z_g * rowsum(x_g)), also exact. So the per-element work on the [K, bn]
-tile is only the unpack/decode and a cast; scales touch [G, bm, bn] values instead of [K, bn].
+before the call (g64 at K = 576; cheap at decode, counted by the cost model) -- and the decoded tile is viewed
+as [G, K/G, bn] (a sublane split); one batched dot gives p_g = x_g . q_g in f32 and out = sum_g s_g * p_g --
+exact, because the scale is constant within a group -- or, with zero points,
+out = sum_g s_g * (p_g - z_g * rowsum(x_g)), also exact. So the per-element work on the [K, bn] tile is only
+the unpack/decode and a cast; scales touch [G, bm, bn] values instead of [K, bn].
+
+VMEM: the decode temporaries are ~14 bytes per weight element of the tile (int32 codes, f32 values, the operand
+cast), e.g. ~8 MiB at K = 576, bn = 512 and ~12 MiB at K = 1536, bn = 576 (the down projection's whole-N
+tile). `jax.export` cannot check VMEM use; pass a smaller block_n for wider K.
 NF4 with double quantization rebuilds the tile's absmax in-kernel from int8 codes and the per-256-column
 second-level scales (a select chain over the few 256-column blocks picks each tile's scales: no gather, no
 lane-dynamic indexing), so HBM only ever carries the 8-bit constants.
