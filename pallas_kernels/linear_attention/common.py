@@ -129,11 +129,14 @@ def row_to_column(row):
   return jnp.sum(jnp.where(rows == cols, row, 0.0), axis=1, keepdims=True)
 
 
-def cumsum_rows(x, *, reverse: bool = False):
-  """Inclusive cumulative sum over axis 0 of x [C, n] (reverse: suffix sums), as a triangular matmul; a single
-  column is summed with a masked reduction instead of an N = 1 matmul."""
+def cumsum_rows(x, *, reverse: bool = False, exclusive: bool = False):
+  """Cumulative sum over axis 0 of x [C, n] (reverse: suffix sums; exclusive: without row i itself), as a
+  triangular matmul; a single column is summed with a masked reduction instead of an N = 1 matmul."""
   rows, cols = _iotas(x.shape[0])
-  keep = rows <= cols if reverse else rows >= cols  # [i, j]: j contributes to i
+  if exclusive:
+    keep = rows < cols if reverse else rows > cols  # [i, j]: j contributes to i
+  else:
+    keep = rows <= cols if reverse else rows >= cols
   if x.shape[1] == 1:
     return jnp.sum(jnp.where(keep, column_to_row(x), 0.0), axis=1, keepdims=True)
   return mm(keep.astype(jnp.float32), x)
@@ -147,7 +150,9 @@ def _gate_terms(g, chunk):
     return dict(causal=causal)
   b = cumsum_rows(g)
   b_last = jnp.sum(g, axis=0, keepdims=True)  # rows of b by reductions of g: Triton cannot lower a slice
-  terms = dict(causal=causal, b=b, to_start=jnp.exp(b), to_end=jnp.exp(b_last - b), chunk_decay=jnp.exp(b_last))
+  # e^(b_C - b) from suffix sums of g rather than a difference of cumulative sums, which cancels for strong gates.
+  to_end = jnp.exp(cumsum_rows(g, reverse=True, exclusive=True))
+  terms = dict(causal=causal, b=b, to_start=jnp.exp(b), to_end=to_end, chunk_decay=jnp.exp(b_last))
   if g.shape[1] == 1:
     # Fixed decay: the exact decay matrix e^(b_i - b_j); the where() keeps the overflowing j > i entries out.
     terms["decay"] = jnp.where(causal, jnp.exp(jnp.where(causal, b - column_to_row(b), 0.0)), 0.0)
