@@ -144,7 +144,8 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
   """Modelled HBM traffic of the TPU path (wrapper copies included) for x [m, k] @ a [k, n] `fmt` weight.
 
   Grid (N blocks, M blocks), N outer: each packed weight tile, scale and zero tile is fetched once; x is
-  fetched once when M is a single block, else once per (N, M) step. Counted too: the XLA transpose of x into
+  fetched once when M is a single block, else once per (N, M) step -- or, when that moves fewer bytes
+  (prefill), M outer: x fetched once, the weights once per M block (`tpu.weights_outer`). Counted too: the XLA transpose of x into
   group-major form (groups not a multiple of 128 wide) or its padding copy (ragged M), padding copies of the
   weights when N is ragged for the block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
   second-level scales), x once and writes the output once. `scale_dtype` defaults to bf16 per group, f32 per
@@ -161,8 +162,12 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
   per_column = k * reference.BITS[fmt] // 8 + groups * (jnp.dtype(scale_dtype).itemsize + int(zero_point))
   second_level = groups * -(-n // reference.DOUBLE_QUANT_BLOCK) * 4 + 4 if double_quant else 0
   ideal = per_column * n + second_level + m * k * x_item + m * n * out_item
-  moved = per_column * padded_n + second_level + padded_m * k * x_item * (1 if m_blocks == 1 else n_blocks)
-  moved += padded_m * padded_n * out_item
+  weight_bytes, x_bytes = per_column * padded_n, padded_m * k * x_item
+  if tpu.weights_outer(m_blocks, n_blocks, weight_bytes, x_bytes):
+    moved = weight_bytes + x_bytes * (n_blocks if m_blocks > 1 else 1)
+  else:
+    moved = x_bytes + weight_bytes * (m_blocks if n_blocks > 1 else 1)
+  moved += second_level + padded_m * padded_n * out_item
   if tpu.needs_group_major(k, groups) or padded_m != m:
     moved += (m + padded_m) * k * x_item               # XLA: read x, write the padded (group-major) copy
   if padded_n != n:

@@ -1,7 +1,9 @@
 """Mosaic-TPU weight-only quantized matmul: packed weights are unpacked and decoded inside the VMEM tile.
 
 Grid (N blocks, M blocks), N outermost: a weight tile's block index depends only on the N step, so the pipeline
-fetches every packed weight byte exactly once (at decode, M is one block and x is fetched once too). Each tile
+fetches every packed weight byte exactly once (at decode, M is one block and x is fetched once too). For prefill,
+when re-reading the weights once per M block moves fewer bytes than re-reading x once per N block, the grid is
+(M blocks, N blocks) instead (`weights_outer`). Each tile
 spans the whole K: the planar layout (see `_packing`) puts rows i and i + K/2 in one byte, so a K-block of
 packed rows is not a contiguous K range -- whole-K tiles keep the unpack to two shift/mask ops and one aligned
 sublane concatenation.
@@ -61,9 +63,17 @@ def resolve_blocks(m: int, k: int, n: int, fmt: str, *, groups: int = 1, double_
   return block_m, block_n
 
 
-def _tile_absmax(codes, dq_ref, offset_ref, *, block_n: int):
+def weights_outer(m_blocks: int, n_blocks: int, weight_bytes: int, x_bytes: int) -> bool:
+  """Whether N is the outer grid axis: weights fetched once and x once per N block (once if one M block), or
+  the reverse -- whichever moves fewer bytes (N outer on ties, e.g. every decode shape)."""
+  n_outer = weight_bytes + x_bytes * (n_blocks if m_blocks > 1 else 1)
+  m_outer = x_bytes + weight_bytes * (m_blocks if n_blocks > 1 else 1)
+  return n_outer <= m_outer
+
+
+def _tile_absmax(codes, dq_ref, offset_ref, *, block_n: int, n_axis: int):
   """f32 absmax [G, bn] of this N tile from int8 codes, second-level scales [G, NB] (all NB) and the offset."""
-  first = pl.program_id(0) * block_n
+  first = pl.program_id(n_axis) * block_n
   num_blocks = dq_ref.shape[1]
   segments, start = [], 0
   while start < block_n:  # the tile's 256-column segments (one when bn divides 256)
@@ -78,7 +88,8 @@ def _tile_absmax(codes, dq_ref, offset_ref, *, block_n: int):
   return codes.astype(jnp.float32) * dq + offset_ref[...]
 
 
-def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_quant: bool, block_n: int):
+def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_quant: bool, block_n: int,
+            n_axis: int):
   zero_ref = refs[0] if has_zero else None
   dq_ref, offset_ref = refs[has_zero:has_zero + 2] if double_quant else (None, None)
   out_ref = refs[-1]
@@ -97,7 +108,7 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_qua
     rowsum = jnp.sum(x.astype(jnp.float32), axis=2, keepdims=True)                   # [G, bm, 1]
     partial = partial - zero_ref[...].astype(jnp.float32)[:, None, :] * rowsum
   if double_quant:
-    scale = _tile_absmax(scale_ref[...], dq_ref, offset_ref, block_n=block_n)
+    scale = _tile_absmax(scale_ref[...], dq_ref, offset_ref, block_n=block_n, n_axis=n_axis)
   else:
     scale = scale_ref[...].astype(jnp.float32)
   out_ref[...] = jnp.sum(partial * scale[:, None, :], axis=0).astype(out_ref.dtype)
@@ -124,12 +135,17 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
   block_m, block_n = resolve_blocks(m, k, n, fmt, groups=groups, double_quant=double_quant,
                                     block_m=blocks[0], block_n=blocks[1])
   padded_m, padded_n = _util.round_up(m, block_m), _util.round_up(n, block_n)
-  column = lambda rows: pl.BlockSpec((rows, block_n), lambda j, i: (0, j))  # whole rows, this N tile
+  m_blocks, n_blocks = padded_m // block_m, padded_n // block_n
+  weight_bytes = sum(a.dtype.itemsize * a.shape[0] * padded_n for a in (w, scale, zero_point) if a is not None)
+  n_outer = weights_outer(m_blocks, n_blocks, weight_bytes, padded_m * k * x.dtype.itemsize)
+  tile = (lambda a, b: (b, a)) if n_outer else (lambda a, b: (a, b))  # grid step -> (M tile i, N tile j)
+  column = lambda rows: pl.BlockSpec((rows, block_n), lambda a, b: (0, tile(a, b)[1]))  # whole rows, N tile
   if needs_group_major(k, groups):
     x_operand, x_spec = (group_major(x, groups, padded_m),
-                         pl.BlockSpec((groups, block_m, k // groups), lambda j, i: (0, i, 0)))
+                         pl.BlockSpec((groups, block_m, k // groups), lambda a, b: (0, tile(a, b)[0], 0)))
   else:
-    x_operand, x_spec = _util.pad_to(x, (padded_m, k)), pl.BlockSpec((block_m, k), lambda j, i: (i, 0))
+    x_operand, x_spec = (_util.pad_to(x, (padded_m, k)),
+                         pl.BlockSpec((block_m, k), lambda a, b: (tile(a, b)[0], 0)))
   operands = [x_operand, _util.pad_to(w, (w.shape[0], padded_n)), _util.pad_to(scale, (groups, padded_n))]
   in_specs = [x_spec, column(w.shape[0]), column(groups)]
   if zero_point is not None:
@@ -138,14 +154,14 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
   if double_quant:
     # Tiny arrays, whole-array blocks with a constant index: fetched once for the whole grid.
     operands += [scale_scale.astype(jnp.float32), jnp.reshape(scale_offset, (1, 1)).astype(jnp.float32)]
-    in_specs += [pl.BlockSpec(scale_scale.shape, lambda j, i: (0, 0)), pl.BlockSpec((1, 1), lambda j, i: (0, 0))]
+    in_specs += [pl.BlockSpec(scale_scale.shape, lambda a, b: (0, 0)), pl.BlockSpec((1, 1), lambda a, b: (0, 0))]
   out = pl.pallas_call(
       functools.partial(_kernel, fmt=fmt, has_zero=zero_point is not None, double_quant=double_quant,
-                        block_n=block_n),
+                        block_n=block_n, n_axis=0 if n_outer else 1),
       out_shape=jax.ShapeDtypeStruct((padded_m, padded_n), out_dtype),
-      grid=(padded_n // block_n, padded_m // block_m),
+      grid=(n_blocks, m_blocks) if n_outer else (m_blocks, n_blocks),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((block_m, block_n), lambda j, i: (i, j)),
+      out_specs=pl.BlockSpec((block_m, block_n), tile),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=interpret,
       name=f"quant_matmul_{fmt}",

@@ -17,15 +17,15 @@ from tests.helpers import TOLERANCE, assert_close
 CASES = {
     # M = 10 from (2, 5), N = 200 ragged, per-channel int8, f32 output. TPU 2x1; GPU 1x2, 2 chunks of 64 (+ pad).
     "int8_channel_ragged": ((2, 5, 96), 200, "int8", {}, (None, 128), jnp.float32),
-    # M = 40 padded to 48, 4 groups of 32, symmetric. TPU 2x3; GPU 3x2, 2 chunks of 32 per nibble plane.
+    # M = 40 padded to 48, 4 groups of 32, symmetric. TPU 2x3 (N outer); GPU 3x2, 2 chunks of 32 per nibble plane.
     "int4_g32_several_blocks": ((40, 128), 256, "int4", dict(group_size=32), (16, 128), None),
     # Groups of 128 lanes: the TPU kernel slices x per group in-kernel (no group-major transpose). TPU 1x1.
     "int4_g128_lane_groups": ((8, 256), 128, "int4", dict(group_size=128), (None, None), None),
     # Zero points: the rowsum correction. TPU 1x1; GPU 2x2.
     "int4_g32_asymmetric": ((24, 64), 128, "int4", dict(group_size=32, symmetric=False), (None, None), None),
     # NF4 blocks of 64, double-quantized absmax; N = 384 spans two 256-column second-level blocks and the 128-wide
-    # tiles meet both (TPU 3x1). GPU 1x3, chunks of 64.
-    "nf4_double_quant": ((8, 128), 384, "nf4", {}, (None, 128), None),
+    # tiles meet both. x outweighs the weights here, so the TPU grid is M outer (2x3). GPU 2x3, chunks of 64.
+    "nf4_double_quant_m_outer": ((64, 128), 384, "nf4", {}, (32, 128), None),
 }
 
 
@@ -137,6 +137,10 @@ def test_quant_matmul_cost_matches_hand_count():
   moved = ideal + 2 * 16 * 576 * 2  # + the XLA transpose of x to group-major (read + write)
   assert cost(16, 576, 1536, "int4", jnp.bfloat16, groups=9) == {
       "flops": 2 * 16 * 1536 * 576 + 2 * 9 * 16 * 1536, "hbm_bytes": moved, "ideal_bytes": ideal}
-  # Prefill: two M blocks of 256, so x is fetched once per (N, M) step: 3 times.
+  # Prefill: two M blocks of 256 and three N blocks of 512. N outer would fetch x three times (3 * 590 KB);
+  # M outer fetches x once and the int8 weights (885 KB + scales) twice, which is less: the grid goes M outer.
   prefill = cost(512, 576, 1536, "int8", jnp.bfloat16)
-  assert prefill["hbm_bytes"] == 576 * 1536 + 1536 * 4 + 3 * 512 * 576 * 2 + 512 * 1536 * 2
+  assert prefill["hbm_bytes"] == 2 * (576 * 1536 + 1536 * 4) + 512 * 576 * 2 + 512 * 1536 * 2
+  # With 128-row blocks (four M blocks) re-reading the weights costs more: N outer, x fetched 3 times.
+  assert cost(512, 576, 1536, "int8", jnp.bfloat16, block_m=128)["hbm_bytes"] == (
+      576 * 1536 + 1536 * 4 + 3 * 512 * 576 * 2 + 512 * 1536 * 2)
