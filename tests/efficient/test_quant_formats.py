@@ -205,6 +205,8 @@ def test_matmul_runs_the_weight_only_kernel_on_a_qarray(fmt, kwargs):
                              rtol=1e-5, atol=1e-5)
   with pytest.raises(ValueError, match=r"^q must be a 2-D \[K, N\] weight quantized along axis 0"):
     quant.matmul(x, quant.quantize(w, "mxfp4"))
+  with pytest.raises(ValueError, match=r"^x: dtype float16 is not supported"):  # activations must be f32/bf16
+    quant.matmul(x.astype(jnp.float16), q)
 
 
 # --- bad input --------------------------------------------------------------------------------------------------
