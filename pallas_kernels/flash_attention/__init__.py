@@ -7,6 +7,19 @@ LAST query is aligned with the LAST key -- training (T == S) or a prefill of T n
 Key j is visible to query i iff j <= i + S - T (causal), j > i + S - T - sliding_window (window, which implies
 causal) and the segment ids agree. A query that sees no key outputs zeros (and gets zero gradients).
 
+When T > S, the first T - S queries precede every key and (causal) see none.
+
+Implementations:
+  reference      plain jnp with the full T x S mask (readable ground truth; O(T * S) memory).
+  xla            chunked online softmax with `lax.scan`, chunk pairs hidden by causal/window skipped with
+                 `lax.cond`; memory linear in T (forward and backward).
+  pallas_tpu     Mosaic kernels: forward, dq, dk/dv; D padded to a multiple of 128 (so 64 works), at most 256;
+                 hidden tiles skipped with `pl.when` and never fetched (clamped index maps); the element mask
+                 is built only on boundary tiles.
+  pallas_gpu     Triton kernels: forward, dq, dk/dv; D padded to a power of two >= 16, at most 256; hidden
+                 tiles skipped by loop bounds; the element mask only on boundary tiles (`lax.cond`).
+  interpret_*    the kernels in Pallas interpret mode (CPU tests).
+
 The implementation modules (xla.py, tpu.py, gpu.py) each provide `forward -> (out, lse)` and
 `backward(..., out, lse, do) -> (dq, dk, dv)` (FlashAttention-2: P recomputed from the saved log-sum-exp,
 delta = rowsum(dO * O)); this file validates, dispatches and wires them with one `jax.custom_vjp`.

@@ -267,7 +267,8 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
 
   q_spec = pl.BlockSpec((None, g.block_q, dp), lambda b, hk, j, r: (b, q_index(j, r), q_head(hk, r)))
   kv_spec = pl.BlockSpec((None, g.block_kv, dp), lambda b, hk, j, r: (b, j, hk))
-  stats_spec = pl.BlockSpec((None, None, g.block_q, LANES), lambda b, hk, j, r: (b, q_head(hk, r), q_index(j, r), 0))
+  stats_spec = pl.BlockSpec((None, None, g.block_q, LANES),
+                            lambda b, hk, j, r: (b, q_head(hk, r), q_index(j, r), 0))
   segment_specs = [pl.BlockSpec((None, g.block_q, LANES), lambda b, hk, j, r: (b, q_index(j, r), 0)),
                    pl.BlockSpec((None, SUBLANES, g.block_kv), lambda b, hk, j, r: (b, 0, j))]
   dk, dv = pl.pallas_call(
@@ -318,7 +319,8 @@ def cost(g, batch, num_heads, num_kv_heads, head_dim, itemsize, *, segment_ids=F
     # dk/dv kernel: k, v read and dk, dv written once per kv block; q, do, lse, delta (and q segment ids) per
     # visited tile (an invisible step re-uses its clamped block).
     kv_rows = g.padded_kv_len
-    per_q_tile = 2 * g.block_q * dp * itemsize + 2 * g.block_q * LANES * 4 + (g.block_q * LANES * 4 if segment_ids else 0)
+    per_q_tile = (2 * g.block_q * dp * itemsize + 2 * g.block_q * LANES * 4
+                  + (g.block_q * LANES * 4 if segment_ids else 0))
     moved += batch * num_kv_heads * 4 * kv_rows * dp * itemsize + heads * visited * per_q_tile
     moved += batch * num_kv_heads * g.num_kv_blocks * seg_kv
     flops += heads * visited * (3 + 4) * tile_flops  # dq: s, dp, dq; dk/dv: s, dp, dv, dk
@@ -396,7 +398,8 @@ def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=Fals
     return (b, jnp.minimum(split * blocks_per_split + t, last), 0)
 
   kv_spec = pl.BlockSpec((None, g.block_kv, lanes), kv_index)
-  part_spec = lambda width: pl.BlockSpec((None, None, num_heads, width), lambda b, split, t, lengths_ref: (b, split, 0, 0))
+  def part_spec(width):  # one split's partial result
+    return pl.BlockSpec((None, None, num_heads, width), lambda b, split, t, lengths_ref: (b, split, 0, 0))
   stats_shape = jax.ShapeDtypeStruct((batch, num_splits, num_heads, LANES), jnp.float32)
   acc, m, l = pl.pallas_call(
       functools.partial(_decode_kernel, g=g, blocks_per_split=blocks_per_split, num_blocks=num_blocks),
