@@ -64,7 +64,7 @@ def _forward_kernel(*refs, has_gates: bool, save_states: bool, chunk: int):
     if states_ref is not None:
       states_ref[n] = state  # the state entering chunk n, for the backward pass
     out, state = common.chunk_forward(_load(q_ref, rows), _load(k_ref, rows), _load(v_ref, rows),
-                                      None if g_ref is None else _load(g_ref, rows), state)
+                                      None if g_ref is None else _load(g_ref, rows), state, dtype=q_ref.dtype)
     out_ref[rows, :] = out.astype(out_ref.dtype)
     return state
 
@@ -85,7 +85,7 @@ def _backward_kernel(*refs, has_gates: bool, chunk: int):
     rows = _rows(n, chunk)
     dq, dk, dv, d_state, gate_term = common.chunk_backward(
         _load(q_ref, rows), _load(k_ref, rows), _load(v_ref, rows), None if g_ref is None else _load(g_ref, rows),
-        states_ref[n], _load(d_out_ref, rows), d_state)
+        states_ref[n], _load(d_out_ref, rows), d_state, dtype=common.backward_matmul_dtype(q_ref.dtype, has_gates))
     dq_ref[rows, :] = dq.astype(dq_ref.dtype)
     dk_ref[rows, :] = dk.astype(dk_ref.dtype)
     dv_ref[rows, :] = dv.astype(dv_ref.dtype)

@@ -8,7 +8,9 @@ suffix sum of the gate gradient, in scratch.
 
 Tiling decision: K and V are zero-padded to multiples of 128 (lane-dense tiles for every matmul, no masked
 layouts; zero key/value columns change nothing) and a block spans the whole padded feature dim; the chunk is the
-sublane dim of every time block, so it must be a multiple of 8.
+sublane dim of every time block, so it must be a multiple of 8. Matmul operands are the inputs' dtype (bf16 runs
+natively on the MXU; f32 at HIGHEST precision) with f32 accumulation; a gated backward uses f32 operands
+(`common.backward_matmul_dtype`). States, gate cumsums and elementwise math are f32.
 """
 from __future__ import annotations
 
@@ -76,7 +78,7 @@ def _forward_kernel(*refs, has_gates: bool, save_states: bool):
   if states_ref is not None:
     states_ref[...] = state  # the state entering this chunk, for the backward pass
   out, state = common.chunk_forward(_f32(q_ref), _f32(k_ref), _f32(v_ref), None if g_ref is None else g_ref[...],
-                                    state)
+                                    state, dtype=q_ref.dtype)
   out_ref[...] = out.astype(out_ref.dtype)
   state_ref[...] = state
 
@@ -102,7 +104,8 @@ def _backward_kernel(*refs, has_gates: bool):
 
   g = None if g_ref is None else g_ref[...]
   dq, dk, dv, d_state, gate_term = common.chunk_backward(
-      _f32(q_ref), _f32(k_ref), _f32(v_ref), g, state_ref[...], _f32(d_out_ref), d_state_ref[...])
+      _f32(q_ref), _f32(k_ref), _f32(v_ref), g, state_ref[...], _f32(d_out_ref), d_state_ref[...],
+      dtype=common.backward_matmul_dtype(q_ref.dtype, has_gates))
   dq_ref[...] = dq.astype(dq_ref.dtype)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)

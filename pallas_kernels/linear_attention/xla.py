@@ -3,6 +3,8 @@ masked matmuls) vmapped over batch*heads, with the state passed between chunks b
 jax's autodiff of the scan (it saves each chunk's intermediates: O(T * chunk) extra memory per head)."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -21,7 +23,7 @@ def chunk(q, k, v, log_gates, initial_state, *, chunk_size: int):
       return None
     return jnp.moveaxis(x.astype(jnp.float32).reshape(bh, num_chunks, chunk_size, x.shape[-1]), 1, 0)
 
-  step = jax.vmap(common.chunk_forward)
+  step = jax.vmap(functools.partial(common.chunk_forward, dtype=q.dtype))  # bf16 inputs: bf16 matmul operands
 
   def body(state, inputs):
     out, state = step(*inputs, state)

@@ -29,7 +29,8 @@ CASES = {
     # log gates ~ U(-12, 0) with chunk 32 (two sub-chunks of 16 per chunk): a single factorization around the
     # chunk's middle would need e^(16 * 6) > f32 max; the sub-chunked one stays finite.
     "gla_strong_gates_chunk32": ("identity", "strong_gates", False, jnp.float32),
-    "gla_bf16": ("identity", "gates", False, jnp.bfloat16),
+    "gla_bf16": ("identity", "gates", False, jnp.bfloat16),      # backward matmuls in f32 (gate identity)
+    "relu_bf16": ("relu", None, False, jnp.bfloat16),             # backward matmuls in bf16
 }
 CHUNK_OVERRIDES = {"gla_strong_gates_chunk32": 32}
 # (implementation, form, chunk_size): the forms checked against `naive`. Chunks are legal for each kernel.
