@@ -90,10 +90,7 @@ def _run(q, k, v, log_decay, log_gates, initial_state, *, feature_map, scale, no
   else:
     out, final = _chunked(q_core, k_core, v_core, gates, s0, chunk_size=chunk_size, normalize=normalize,
                           implementation=implementation)
-  out = common.finish(out, normalize=normalize, eps=eps, dtype=q.dtype)
-  if initial_state is not None:
-    final = final.astype(jnp.promote_types(initial_state.dtype, jnp.float32))
-  return out, final
+  return common.finish(out, normalize=normalize, eps=eps, dtype=q.dtype), final
 
 
 def _chunked(q, k, v, gates, s0, *, chunk_size, normalize, implementation):
