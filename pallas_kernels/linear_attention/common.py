@@ -189,8 +189,10 @@ def _gated_pairs(b, chunk):
   - i in a later sub-chunk than j in sub-chunk J: around J's last row r, e^(b_i - r) <= 1 and e^(r - b_j) <= 1.
   """
   size = sub_chunk(chunk)
-  # lax.div, not //: jnp's floor division of ints emits `sign`, which Mosaic lowers only with a TPU attached.
-  sub_block = lambda index: lax.div(index, jnp.int32(size))
+  # index // size as a sum of comparisons: jnp's integer floor division emits `sign`, which Mosaic lowers only
+  # with a TPU attached, and vector integer division is not something to rely on in any kernel dialect.
+  sub_block = lambda index: sum(((index >= j * size).astype(jnp.int32) for j in range(1, chunk // size)),
+                                jnp.zeros_like(index))
   block = sub_block(lax.broadcasted_iota(jnp.int32, (chunk, 1), 0))  # each row's sub-chunk
   row_index, col_index = _iotas(chunk)
   same_block = (sub_block(row_index) == sub_block(col_index)) & (row_index >= col_index)
