@@ -45,17 +45,26 @@ def feature_padding(k_dim: int, v_dim: int) -> tuple[int, int]:
   return _util.round_up(k_dim, LANES), _util.round_up(v_dim, LANES)
 
 
+def vmem_estimate(chunk: int, k_dim: int, v_dim: int) -> int:
+  """Bytes of VMEM the backward kernel (the larger of the two) needs, f32 throughout, padded dims: ~9 [K, V]
+  tiles (dS scratch; saved state, final state, dS_T and dS_0 blocks double-buffered), double-buffered time blocks
+  (q, k, dq, dk, v, dO, dv and the gates in and out), and ~6 [C, C] plus ~6 [C, max(K, V)] intermediates."""
+  states = 9 * k_dim * v_dim
+  time_blocks = 2 * chunk * (4 * k_dim + 3 * v_dim + 2 * k_dim)
+  temporaries = 6 * chunk * chunk + 6 * chunk * max(k_dim, v_dim)
+  return 4 * (states + time_blocks + temporaries)
+
+
 def _check_tiling(chunk_size, padded_t, k_dim, v_dim):
-  """Refuses a chunk that does not tile T' or Mosaic's sublanes, and [K, V] states that overflow VMEM."""
+  """Refuses a chunk that does not tile T' or Mosaic's sublanes, and shapes whose tiles overflow VMEM."""
   resolve_chunk(chunk_size, padded_t, default=chunk_size)
   if padded_t % chunk_size:
     raise ValueError(f"chunk_size={chunk_size} must divide the padded sequence length {padded_t}.")
-  # The backward holds ~9 f32 [K, V] tiles (scratch dS, double-buffered saved state, final state, dS_T, dS_0).
-  state_bytes = 9 * k_dim * v_dim * 4
-  if state_bytes > VMEM_BUDGET_BYTES:
-    raise ValueError(f"q/k feature dim K'={k_dim} and v dim V={v_dim} (padded) need ~{state_bytes >> 20} MiB of "
-                     f"VMEM for the [K', V] states, over the TPU kernel's {VMEM_BUDGET_BYTES >> 20} MiB budget; "
-                     f"use a smaller head dim or feature map.")
+  needed = vmem_estimate(chunk_size, k_dim, v_dim)
+  if needed > VMEM_BUDGET_BYTES:
+    raise ValueError(f"chunk_size={chunk_size} with q/k feature dim K'={k_dim} and v dim V={v_dim} (padded) needs "
+                     f"~{needed / 2**20:.1f} MiB of VMEM, over the TPU kernel's {VMEM_BUDGET_BYTES >> 20} MiB "
+                     f"budget; use a smaller chunk_size, head dim or feature map.")
 
 
 def _f32(ref):

@@ -174,11 +174,17 @@ def test_linear_attention_rejects_bad_input(bad):
     linear_attention(**kwargs)
 
 
-def test_tpu_kernel_refuses_states_too_large_for_vmem():
-  # Taylor on K = 64 makes K' = 4161: a [4224, 128] f32 state is 2 MiB, ~19 MiB for the backward's tiles.
-  q = jnp.ones((1, 8, 1, 64))
-  with pytest.raises(ValueError, match=r"^q/k feature dim K'=4224 .* over the TPU kernel's 16 MiB budget"):
-    linear_attention(q, q, jnp.ones((1, 8, 1, 128)), feature_map="taylor", implementation="interpret_tpu")
+@pytest.mark.parametrize("feature_map, k_dim, chunk_size, message", [
+    # Taylor on K = 64: K' = 4161, padded 4224; a [4224, 128] f32 state is 2 MiB, ~21 MiB with every tile.
+    ("taylor", 64, 8, r"^chunk_size=8 with q/k feature dim K'=4224 and v dim V=128 \(padded\) needs ~2\d\.\d MiB"),
+    # K = V = 128 is fine at chunk 64 (under 2 MiB) but chunk 1024 needs ~37 MiB, mostly [C, C] temporaries.
+    ("identity", 128, 1024, r"^chunk_size=1024 .* over the TPU kernel's 16 MiB budget; use a smaller chunk_size"),
+])
+def test_tpu_kernel_refuses_tiles_too_large_for_vmem(feature_map, k_dim, chunk_size, message):
+  q = jnp.ones((1, 8, 1, k_dim))
+  with pytest.raises(ValueError, match=message):
+    linear_attention(q, q, jnp.ones((1, 8, 1, 128)), feature_map=feature_map, chunk_size=chunk_size,
+                     implementation="interpret_tpu")
 
 
 def test_linear_attention_cost_matches_hand_count():
