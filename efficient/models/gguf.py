@@ -148,20 +148,20 @@ def _param_source(path: tuple, config: llama.LlamaConfig) -> tuple[str, Callable
     return "output.weight", lambda w: w.T
   if path == ("final_norm", "scale"):
     return "output_norm.weight", lambda w: w
-  if len(path) == 4 and path[0] == "blocks":
+  if len(path) >= 4 and path[0] == "blocks":
     block = f"blk.{path[1]}."
     table = {
         ("attention_norm", "scale"): ("attn_norm", lambda w: w),
         ("mlp_norm", "scale"): ("ffn_norm", lambda w: w),
-        ("attention", "q"): ("attn_q", lambda w: unpermute_rope_rows(w, c.num_heads).T.reshape(
+        ("attention", "q", "kernel"): ("attn_q", lambda w: unpermute_rope_rows(w, c.num_heads).T.reshape(
             c.embed_dim, c.num_heads, c.head_dim)),
-        ("attention", "k"): ("attn_k", lambda w: unpermute_rope_rows(w, c.num_kv_heads).T.reshape(
+        ("attention", "k", "kernel"): ("attn_k", lambda w: unpermute_rope_rows(w, c.num_kv_heads).T.reshape(
             c.embed_dim, c.num_kv_heads, c.head_dim)),
-        ("attention", "v"): ("attn_v", lambda w: w.T.reshape(c.embed_dim, c.num_kv_heads, c.head_dim)),
-        ("attention", "o"): ("attn_output", lambda w: w.T.reshape(c.num_heads, c.head_dim, c.embed_dim)),
-        ("mlp", "gate"): ("ffn_gate", lambda w: w.T),
-        ("mlp", "up"): ("ffn_up", lambda w: w.T),
-        ("mlp", "down"): ("ffn_down", lambda w: w.T),
+        ("attention", "v", "kernel"): ("attn_v", lambda w: w.T.reshape(c.embed_dim, c.num_kv_heads, c.head_dim)),
+        ("attention", "o", "kernel"): ("attn_output", lambda w: w.T.reshape(c.num_heads, c.head_dim, c.embed_dim)),
+        ("mlp", "gate", "kernel"): ("ffn_gate", lambda w: w.T),
+        ("mlp", "up", "kernel"): ("ffn_up", lambda w: w.T),
+        ("mlp", "down", "kernel"): ("ffn_down", lambda w: w.T),
     }
     if path[2:] in table:
       name, convert = table[path[2:]]

@@ -131,22 +131,36 @@ class RMSNorm(nnx.Module):
     return rms_norm_op(x, self.scale[...].astype(x.dtype), eps=self.eps, implementation=self.implementation)
 
 
+class Einsum(nnx.Module):
+  """`einsum(equation, x, kernel)`: every projection of the model is one of these, so rules that match module
+  paths (quantize, sparsify, capture calibration inputs) can swap it without editing the model."""
+
+  def __init__(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], config: LlamaConfig, *,
+               rngs: nnx.Rngs):
+    self.equation = equation
+    self.compute_dtype = config.compute_dtype
+    self.kernel = _param(rngs, shape, names, config)
+
+  def __call__(self, x):
+    return jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))
+
+
 class Attention(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
     self.config = config
-    self.q = _param(rngs, (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c)
-    self.k = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c)
-    self.v = _param(rngs, (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim"), c)
-    self.o = _param(rngs, (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"), c)
+    kv_shape, kv_names = (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")
+    self.q = Einsum("btd,dhk->bthk", (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c,
+                    rngs=rngs)
+    self.k = Einsum("btd,dhk->bthk", kv_shape, kv_names, c, rngs=rngs)
+    self.v = Einsum("btd,dhk->bthk", kv_shape, kv_names, c, rngs=rngs)
+    self.o = Einsum("bthk,hkd->btd", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"), c,
+                    rngs=rngs)
 
   def __call__(self, x, *, positions, segment_ids, attention_fn, cache=None, cache_positions=None,
                cache_segment_ids=None, cache_index=None):
-    dtype = self.config.compute_dtype
-    q = jnp.einsum("btd,dhk->bthk", x, self.q[...].astype(dtype))
-    k = jnp.einsum("btd,dhk->bthk", x, self.k[...].astype(dtype))
-    v = jnp.einsum("btd,dhk->bthk", x, self.v[...].astype(dtype))
+    q, k, v = self.q(x), self.k(x), self.v(x)
     q, k = rope(q, positions, self.config.rope_theta), rope(k, positions, self.config.rope_theta)
     kv_positions, kv_segment_ids = positions, segment_ids
     if cache is not None:
@@ -154,25 +168,22 @@ class Attention(nnx.Module):
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
       cache = {"k": k, "v": v}
       kv_positions, kv_segment_ids = cache_positions, cache_segment_ids
-      k, v = k.astype(dtype), v.astype(dtype)
+      k, v = k.astype(self.config.compute_dtype), v.astype(self.config.compute_dtype)
     out = attention_fn(q, k, v, q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
                        kv_segment_ids=kv_segment_ids)
-    return jnp.einsum("bthk,hkd->btd", out, self.o[...].astype(dtype)), cache
+    return self.o(out), cache
 
 
 class MLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
-    self.compute_dtype = c.compute_dtype
-    self.gate = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c)
-    self.up = _param(rngs, (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c)
-    self.down = _param(rngs, (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c)
+    self.gate = Einsum("btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c, rngs=rngs)
+    self.up = Einsum("btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c, rngs=rngs)
+    self.down = Einsum("btf,fd->btd", (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c, rngs=rngs)
 
   def __call__(self, x):
-    dtype = self.compute_dtype
-    hidden = jax.nn.silu(x @ self.gate[...].astype(dtype)) * (x @ self.up[...].astype(dtype))
-    return hidden @ self.down[...].astype(dtype)
+    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):

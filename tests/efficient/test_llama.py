@@ -45,9 +45,9 @@ def numpy_llama(model, tokens):
     for i in range(c.num_layers):
       b = p["blocks"][i]
       h = norm(x, b["attention_norm"]["scale"])
-      q = rotate(np.einsum("td,dhk->thk", h, b["attention"]["q"]), pos)
-      k = rotate(np.einsum("td,dhk->thk", h, b["attention"]["k"]), pos)
-      v = np.einsum("td,dhk->thk", h, b["attention"]["v"])
+      q = rotate(np.einsum("td,dhk->thk", h, b["attention"]["q"]["kernel"]), pos)
+      k = rotate(np.einsum("td,dhk->thk", h, b["attention"]["k"]["kernel"]), pos)
+      v = np.einsum("td,dhk->thk", h, b["attention"]["v"]["kernel"])
       group = c.num_heads // c.num_kv_heads
       k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
       logits = np.einsum("thk,shk->hts", q, k) / np.sqrt(c.head_dim)
@@ -55,10 +55,10 @@ def numpy_llama(model, tokens):
       probs = np.exp(logits - logits.max(-1, keepdims=True))
       probs /= probs.sum(-1, keepdims=True)
       attended = np.einsum("hts,shk->thk", probs, v)
-      x = x + np.einsum("thk,hkd->td", attended, b["attention"]["o"])
+      x = x + np.einsum("thk,hkd->td", attended, b["attention"]["o"]["kernel"])
       h = norm(x, b["mlp_norm"]["scale"])
-      gate = h @ b["mlp"]["gate"]
-      x = x + (gate / (1 + np.exp(-gate)) * (h @ b["mlp"]["up"])) @ b["mlp"]["down"]
+      gate = h @ b["mlp"]["gate"]["kernel"]
+      x = x + (gate / (1 + np.exp(-gate)) * (h @ b["mlp"]["up"]["kernel"])) @ b["mlp"]["down"]["kernel"]
     out.append(norm(x, p["final_norm"]["scale"]) @ p["embedding"].T)
   return np.stack(out)
 

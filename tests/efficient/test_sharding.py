@@ -45,12 +45,12 @@ def test_sharded_forward_equals_single_device(preset):
   mesh = sharding.make_mesh(MESHES[preset])
   model = llama.Llama(config, rngs=nnx.Rngs(0))
   assert sharding.shard_model(model, mesh, preset) == []
-  mlp_gate = model.blocks[0].mlp.gate[...]
+  mlp_gate = model.blocks[0].mlp.gate.kernel[...]
   embed_shards = {"dp": 1, "fsdp": 4, "tp": 1, "fsdp_tp": 2}[preset]
   mlp_shards = {"dp": 1, "fsdp": 1, "tp": 2, "fsdp_tp": 2}[preset]
   shard_shape = mlp_gate.sharding.shard_shape(mlp_gate.shape)
   assert shard_shape == (config.embed_dim // embed_shards, config.mlp_dim // mlp_shards)
-  q = model.blocks[0].attention.q[...]
+  q = model.blocks[0].attention.q.kernel[...]
   assert q.sharding.shard_shape(q.shape)[1] == config.num_heads // mlp_shards
 
   sharded_tokens = jax.device_put(tokens, sharding.batch_sharding(mesh, preset))

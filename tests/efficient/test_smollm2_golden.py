@@ -103,7 +103,7 @@ def test_config_is_smollm2_135m(smollm2):
   assert smollm2.config == llama.SMOLLM2_135M
   assert smollm2.source.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
   # Parameters keep their logical axes (needed for sharding presets).
-  assert smollm2.model.blocks[0].attention.q.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+  assert smollm2.model.blocks[0].attention.q.kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
 
 
 def test_tokenizer_matches_transformers(smollm2, smollm2_golden):

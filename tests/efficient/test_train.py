@@ -178,9 +178,9 @@ def test_sharded_step_matches_one_device(single_device_step, preset):
 
   expected = SHARD_SHAPES[preset]
   layer = state.params["blocks"][0]
-  params = {"gate": layer["mlp"]["gate"], "q": layer["attention"]["q"], "embedding": state.params["embedding"]}
+  params = {"gate": layer["mlp"]["gate"]["kernel"], "q": layer["attention"]["q"]["kernel"], "embedding": state.params["embedding"]}
   adam = state.opt_state[1][0]
-  moments = {"gate": adam.mu["blocks"][0]["mlp"]["gate"], "q": adam.nu["blocks"][0]["attention"]["q"],
+  moments = {"gate": adam.mu["blocks"][0]["mlp"]["gate"]["kernel"], "q": adam.nu["blocks"][0]["attention"]["q"]["kernel"],
              "embedding": adam.mu["embedding"]}
   for name, variable in params.items():
     array = variable[...]

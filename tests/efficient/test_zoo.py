@@ -72,13 +72,13 @@ def write_gguf(path: Path, model: llama.Llama, *, skip: tuple[str, ...] = (), qu
     tensors.update({
         f"blk.{i}.attn_norm.weight": array(block.attention_norm.scale),
         f"blk.{i}.ffn_norm.weight": array(block.mlp_norm.scale),
-        f"blk.{i}.attn_q.weight": llama_cpp_permute(array(a.q).reshape(e, hd).T, c.num_heads),
-        f"blk.{i}.attn_k.weight": llama_cpp_permute(array(a.k).reshape(e, kvd).T, c.num_kv_heads),
-        f"blk.{i}.attn_v.weight": array(a.v).reshape(e, kvd).T,
-        f"blk.{i}.attn_output.weight": array(a.o).reshape(hd, e).T,
-        f"blk.{i}.ffn_gate.weight": array(m.gate).T,
-        f"blk.{i}.ffn_up.weight": array(m.up).T,
-        f"blk.{i}.ffn_down.weight": array(m.down).T,
+        f"blk.{i}.attn_q.weight": llama_cpp_permute(array(a.q.kernel).reshape(e, hd).T, c.num_heads),
+        f"blk.{i}.attn_k.weight": llama_cpp_permute(array(a.k.kernel).reshape(e, kvd).T, c.num_kv_heads),
+        f"blk.{i}.attn_v.weight": array(a.v.kernel).reshape(e, kvd).T,
+        f"blk.{i}.attn_output.weight": array(a.o.kernel).reshape(hd, e).T,
+        f"blk.{i}.ffn_gate.weight": array(m.gate.kernel).T,
+        f"blk.{i}.ffn_up.weight": array(m.up.kernel).T,
+        f"blk.{i}.ffn_down.weight": array(m.down.kernel).T,
     })
   writer = gguf.GGUFWriter(str(path), "llama")
   writer.add_context_length(c.max_seq_len)
@@ -169,7 +169,7 @@ def test_gguf_round_trip_restores_config_parameters_and_logits(tiny_gguf):
   for name in expected:
     np.testing.assert_array_equal(actual[name], expected[name], err_msg=str(name))
   # Logical axes survive loading (sharding presets need them).
-  assert loaded.model.blocks[1].attention.o.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
+  assert loaded.model.blocks[1].attention.o.kernel.get_metadata()["out_sharding"] == ("heads", "head_dim", "embed")
   tokens = jnp.asarray([[1, 50, 259, 7, 200, 3]], jnp.int32)
   np.testing.assert_array_equal(np.asarray(forward(loaded.model, tokens)), np.asarray(forward(original, tokens)))
 
@@ -183,7 +183,7 @@ def test_untied_output_weight_becomes_lm_head(tmp_path):
 
 def test_dtype_and_config_overrides(tiny_gguf):
   loaded = load(tiny_gguf[0], dtype=jnp.bfloat16, compute_dtype=jnp.float32, max_seq_len=64)
-  assert loaded.model.blocks[0].mlp.up[...].dtype == jnp.bfloat16
+  assert loaded.model.blocks[0].mlp.up.kernel[...].dtype == jnp.bfloat16
   assert (loaded.config.compute_dtype, loaded.config.max_seq_len) == (jnp.float32, 64)
 
 
