@@ -4,7 +4,8 @@ chunks in reverse). Same per-chunk math as the TPU kernel (`common.chunk_forward
 
 Tiling decision: `tl.dot` needs power-of-two dims >= 16, so K and V are zero-padded up to one and the chunk must
 be a power of two >= 16; a fixed decay is broadcast over K by the caller (`EXPAND_DECAY`), as a [C, 1] gate column
-would need N = 1 matmuls.
+would need N = 1 matmuls. Parallelism is B*H programs, enough when B*H is at least the SM count; splitting V
+across programs (dq, dk and the gate gradient then become partial sums) is the next step for small B*H.
 """
 from __future__ import annotations
 

@@ -2,8 +2,8 @@
 
 The chunk axis is sequential ("arbitrary"): the [K, V] state lives in a VMEM f32 scratch carried from chunk to
 chunk, batch*heads are independent ("parallel", split across TensorCores). The forward writes the state entering
-every chunk when the backward will need it (a [B*H, chunks, K, V] residual: as many bytes as q, k, v at K = V =
-chunk); the backward visits the chunks in reverse (its index maps read chunk N-1-n) carrying dS, and the running
+every chunk when the backward will need it (a [B*H, chunks, K, V] f32 residual: K*V*4 bytes per chunk, the size
+of one f32 q when K = V = chunk); the backward visits the chunks in reverse (its index maps read chunk N-1-n) carrying dS, and the running
 suffix sum of the gate gradient, in scratch.
 
 Tiling decision: K and V are zero-padded to multiples of 128 (lane-dense tiles for every matmul, no masked
