@@ -265,12 +265,6 @@ def test_flash_decode_rejects_bad_input(bad):
     flash_decode(**kwargs)
 
 
-@pytest.mark.parametrize("implementation", ["cuda", "splash", "triton"])
-def test_flash_attention_refuses_unknown_implementation(implementation):
-  with pytest.raises(ValueError, match=r"unknown implementation=.*choose one of \('reference'"):
-    flash_attention(_Q, _KV, _KV, implementation=implementation)
-
-
 def test_flash_attention_cost_counts_skipped_tiles():
   # T = S = 256, D = 128, f32, (128, 128) blocks, one head: causal visits 3 of the 4 tiles.
   # Forward bytes: q read + o written (2 x 256 x 128), k and v per visited tile (3 x 2 x 128 x 128), the
