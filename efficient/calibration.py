@@ -149,7 +149,7 @@ def outputs_from_matrix(equation: str, y2, x_shape, kernel_shape_) -> jax.Array:
 
 # --- Hessian capture ------------------------------------------------------------------------------------------
 
-# While a capturing forward is traced: (dict path -> XᵀX sum, token mask [B, T] f32 or None).
+# While a capturing forward is traced: (dict path -> (XᵀX sum, max |x|), token mask [B, T] f32 or None).
 _SINK: contextvars.ContextVar = contextvars.ContextVar("efficient_calibration_sink", default=None)
 
 
@@ -170,7 +170,10 @@ class _Capturing(nnx.Module):
           raise ValueError(f"{self.path}: the batch mask has {mask.size} tokens, the input {x2.shape[0]} rows.")
         x2 = x2 * mask.reshape(-1, 1)  # padding rows contribute nothing
       xtx = jnp.matmul(x2.T, x2, precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-      sums[self.path] = sums[self.path] + xtx if self.path in sums else xtx
+      absmax = jnp.max(jnp.abs(x2), axis=0)  # masked rows are 0, so they never set the max
+      if self.path in sums:
+        xtx, absmax = sums[self.path][0] + xtx, jnp.maximum(sums[self.path][1], absmax)
+      sums[self.path] = (xtx, absmax)
     return self.inner(x)
 
 
@@ -212,7 +215,8 @@ def swapped_modules(model: nnx.Module, replacements: dict[str, nnx.Module]):
 
 
 def capture_hessians(model: nnx.Module, batches: Iterable[dict], *, pattern: str = ".*") -> dict[str, dict]:
-  """{path: {'hessian': f32 [in, in] = 2 XᵀX / n, 'count': n}} for every Einsum matching `pattern`.
+  """{path: {'hessian': f32 [in, in] = 2 XᵀX / n, 'absmax': f32 [in] = max_t |x_tj|, 'count': n}} for every
+  Einsum matching `pattern` (absmax is what SmoothQuant and outlier detection need).
 
   `batches` are dicts with 'tokens' [B, T] (and optionally 'positions', 'segment_ids', 'loss_mask'), or bare
   token arrays. Rows are the projection's input at each token; padding tokens (loss_mask 0, else segment id 0)
@@ -232,14 +236,17 @@ def capture_hessians(model: nnx.Module, batches: Iterable[dict], *, pattern: str
       mask = batch_token_mask(batch)
       step_sums = _capture_step(state, tokens, _optional(batch, "positions"), _optional(batch, "segment_ids"),
                                 mask, graphdef=graphdef)
-      for path, value in step_sums.items():
-        if not bool(jnp.all(jnp.isfinite(value))):
+      for path, (xtx, absmax) in step_sums.items():
+        if not bool(jnp.all(jnp.isfinite(xtx))):
           raise ValueError(f"batches: the inputs of {path} hold NaN/inf; the calibration data must be finite.")
-        sums[path] = sums[path] + value if path in sums else value
+        if path in sums:
+          xtx, absmax = sums[path][0] + xtx, jnp.maximum(sums[path][1], absmax)
+        sums[path] = (xtx, absmax)
       count += float(tokens.size if mask is None else jnp.sum(mask))
   if count == 0:
     raise ValueError("batches held no (non-padding) tokens to calibrate on.")
-  return {path: {"hessian": 2.0 * sums[path] / count, "count": int(count)} for path in modules}
+  return {path: {"hessian": 2.0 * sums[path][0] / count, "absmax": sums[path][1], "count": int(count)}
+          for path in modules}
 
 
 def _optional(batch, key):

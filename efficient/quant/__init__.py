@@ -1,6 +1,12 @@
 """Quantization: `QArray` formats (int8, packed int4/int3/int2, NF4, fp8, MX), RTN quantize/dequantize, SQNR,
-and `matmul(x, q)` through the weight-only Pallas kernels."""
+`matmul(x, q)` through the weight-only Pallas kernels, PTQ methods (`gptq_quantize`, SmoothQuant) and
+`quantize_model(model, rules, calibration_data)` with quantized Einsum layers."""
 from efficient.quant.formats import FORMATS, Format
 from efficient.quant.qarray import QArray, bytes_per_param, dequantize, matmul, nbytes, quantize, sqnr_db
+from efficient.quant.calibrate import gptq_quantize, rtn_quantize, smoothquant_scales
+from efficient.quant.layers import LLMInt8Einsum, QuantizedEinsum, QuantizedWeight
+from efficient.quant.rules import QuantConfig, quantize_model
 
-__all__ = ["FORMATS", "Format", "QArray", "bytes_per_param", "dequantize", "matmul", "nbytes", "quantize", "sqnr_db"]
+__all__ = ["FORMATS", "Format", "LLMInt8Einsum", "QArray", "QuantConfig", "QuantizedEinsum", "QuantizedWeight",
+           "bytes_per_param", "dequantize", "gptq_quantize", "matmul", "nbytes", "quantize", "quantize_model",
+           "rtn_quantize", "smoothquant_scales", "sqnr_db"]

@@ -83,6 +83,7 @@ def test_capture_hessians_matches_recorded_inputs(tiny, monkeypatch):
     assert hessians[path]["count"] == n
     assert hessians[path]["hessian"].dtype == jnp.float32
     np.testing.assert_allclose(hessians[path]["hessian"], expected, rtol=2e-4, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(hessians[path]["absmax"], np.abs(x2).max(axis=0), rtol=1e-5)
 
 
 def test_capture_hessians_restores_modules_on_error(tiny):
