@@ -18,6 +18,13 @@ from pallas_kernels.rms_norm import rms_norm as rms_norm_op
 
 # A cache slot that holds no key yet gets this position, so the causal test `k_pos <= q_pos` rejects it.
 EMPTY_POSITION = 2**30
+# Token mixers a layer may use (`LlamaConfig.attention` / `attention_schedule`); every kind but 'softmax' is
+# built by `efficient.attention.mixers` (imported lazily: that package imports this module).
+ATTENTION_KINDS = ("softmax", "window", "linear", "based")
+# Fields added for per-layer attention; `to_dict` leaves them out at their defaults so signatures of existing
+# checkpoints (and everything keyed on them) are unchanged for the plain softmax model.
+_MIXER_FIELDS = {"attention": "softmax", "attention_schedule": None, "sliding_window": None,
+                 "linear_attention": None, "based": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +44,15 @@ class LlamaConfig:
   compute_dtype: Any = jnp.float32
   norm_implementation: str | None = None  # pallas_kernels.rms_norm implementation (None: by backend)
   init_std: float = 0.02
+  # Per-layer token mixer: `attention` for every layer, or `attention_schedule` ('linear,linear,softmax', one
+  # kind per layer; see efficient.attention.every_kth_softmax). 'window' and 'based' layers need
+  # `sliding_window`; `linear_attention` / `based` take efficient.attention.LinearAttentionConfig / BasedConfig
+  # (None: their defaults).
+  attention: str = "softmax"
+  attention_schedule: str | None = None
+  sliding_window: int | None = None
+  linear_attention: Any = None
+  based: Any = None
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -47,6 +63,28 @@ class LlamaConfig:
                        f"({self.num_kv_heads}).")
     if self.head_dim % 2:
       raise ValueError(f"LlamaConfig.head_dim must be even for RoPE, got {self.head_dim}.")
+    kinds = self.layer_kinds()  # validates the names
+    if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or
+                                            not isinstance(self.sliding_window, int) or self.sliding_window < 1):
+      raise ValueError(f"LlamaConfig.sliding_window must be an int >= 1 (or None), got {self.sliding_window!r}.")
+    if self.sliding_window is None and {"window", "based"} & set(kinds):
+      raise ValueError(f"LlamaConfig.sliding_window is required by 'window'/'based' layers (schedule {kinds}).")
+
+  def layer_kinds(self) -> tuple[str, ...]:
+    """The token mixer of every layer, from `attention_schedule` (comma-separated) or `attention`."""
+    if self.attention_schedule is None:
+      kinds = (self.attention,) * self.num_layers
+      where = "attention"
+    else:
+      kinds = tuple(part.strip() for part in self.attention_schedule.split(","))
+      where = "attention_schedule"
+      if len(kinds) != self.num_layers:
+        raise ValueError(f"LlamaConfig.attention_schedule={self.attention_schedule!r} names {len(kinds)} layers; "
+                         f"num_layers is {self.num_layers}.")
+    for kind in kinds:
+      if kind not in ATTENTION_KINDS:
+        raise ValueError(f"LlamaConfig.{where}: unknown attention {kind!r}; choose from {ATTENTION_KINDS}.")
+    return kinds
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -55,6 +93,9 @@ class LlamaConfig:
     d = dataclasses.asdict(self)
     d["param_dtype"] = jnp.dtype(self.param_dtype).name
     d["compute_dtype"] = jnp.dtype(self.compute_dtype).name
+    for name, default in _MIXER_FIELDS.items():
+      if d[name] == default:
+        del d[name]
     return d
 
 
@@ -188,9 +229,14 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
     self.attention_norm = RMSNorm(config, rngs=rngs)
-    self.attention = Attention(config, rngs=rngs)
+    kind = config.layer_kinds()[layer]
+    if kind == "softmax":
+      self.attention = Attention(config, rngs=rngs)
+    else:  # same call signature as Attention: (x, *, positions, segment_ids, attention_fn, cache, ...)
+      from efficient.attention import mixers
+      self.attention = mixers.make_mixer(kind, config, rngs=rngs)
     self.mlp_norm = RMSNorm(config, rngs=rngs)
     self.mlp = MLP(config, rngs=rngs)
 
@@ -207,7 +253,7 @@ class Llama(nnx.Module):
     self.config = config
     self.attention_fn = attention_fn
     self.embedding = _param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), config)
-    self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.num_layers)])
+    self.blocks = nnx.List([Block(config, rngs=rngs, layer=i) for i in range(config.num_layers)])
     self.final_norm = RMSNorm(config, rngs=rngs)
     if not config.tie_embeddings:
       self.lm_head = _param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config)
@@ -248,7 +294,10 @@ class Llama(nnx.Module):
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, with_segment_ids=False) -> dict:
-  """An empty KV cache pytree for `max_len` positions (k/v in `dtype`, default the compute dtype)."""
+  """An empty KV cache pytree for `max_len` positions (k/v in `dtype`, default the compute dtype).
+
+  Softmax layers hold k/v; other mixers hold what `efficient.attention.mixers.init_mixer_cache` gives them
+  (recurrent states, window ring buffers, conv tails)."""
   if max_len > config.max_seq_len:
     raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}.")
   dtype = dtype or config.compute_dtype
@@ -256,11 +305,18 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, wit
   cache = {
       "index": jnp.zeros((), jnp.int32),
       "positions": jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
-      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} for _ in range(config.num_layers)],
+      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} if kind == "softmax" else
+                 _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids)
+                 for kind in config.layer_kinds()],
   }
   if with_segment_ids:
     cache["segment_ids"] = jnp.zeros((batch, max_len), jnp.int32)
   return cache
+
+
+def _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids):
+  from efficient.attention import mixers
+  return mixers.init_mixer_cache(kind, config, batch, max_len, dtype=dtype, with_segment_ids=with_segment_ids)
 
 
 def sample_token(logits, rng, *, temperature: float, top_k: int | None):
