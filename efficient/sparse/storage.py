@@ -2,7 +2,9 @@
 
 - `NMArray`: N:M along the input dimension as the kept values [in*n/m, out] plus each value's position within
   its group of m, packed into uint8 (2 bits per index for m <= 4, 4 bits for m <= 16, 8 bits above): 2:4 of an
-  f32 matrix is 0.5 + 1/16 of its dense bytes, of a bf16 matrix 0.5 + 1/8.
+  f32 matrix is 0.5 + 1/32 of its dense bytes (2 bits per kept value = 1 bit per entry), of bf16 0.5 + 1/16.
+- `BitmaskArray`: unstructured sparsity as the kept values (row-major) plus one bit per entry (np.packbits):
+  50% of an f32 matrix is 0.5 + 1/32 of its dense bytes. Host-side (the kept count sets the shapes).
 - Block sparse: `pallas_kernels.block_sparse_matmul.BlockSparseMatrix` (block values + BSR index tables), which
   `block_sparse_matmul` multiplies visiting only the stored blocks; `compress_blocks` builds it from a weight and
   a block mask.
@@ -88,6 +90,35 @@ def compress_nm(dense, n: int, m: int, *, mask=None, names=None) -> NMArray:
     packed = packed | (padded[:, slot] << (slot * bits)).astype(jnp.uint8)
   return NMArray(values=values.reshape(rows, n_out), indices=packed, shape=(k, n_out), n=n, m=m,
                  names=None if names is None else tuple(names))
+
+
+@dataclasses.dataclass(frozen=True)
+class BitmaskArray:
+  values: np.ndarray   # [nnz] the kept entries in row-major order
+  bits: np.ndarray     # uint8 [ceil(in * out / 8)]: the kept mask, packed
+  shape: tuple[int, int]
+  names: tuple | None = None
+
+  def todense(self) -> np.ndarray:
+    size = int(np.prod(self.shape))
+    mask = np.unpackbits(self.bits, count=size).astype(bool)
+    dense = np.zeros(size, self.values.dtype)
+    dense[mask] = self.values
+    return dense.reshape(self.shape)
+
+  def nbytes(self) -> int:
+    return int(self.values.nbytes + self.bits.nbytes)
+
+
+def compress_bitmask(dense, *, mask=None, names=None) -> BitmaskArray:
+  """Stores the entries `mask` keeps (default: the non-zeros) of a matrix and the packed mask; exact."""
+  dense = np.asarray(dense)
+  if dense.ndim != 2 or 0 in dense.shape:
+    raise ValueError(f"dense must be a non-empty [in, out] matrix; got shape {dense.shape}.")
+  mask = dense != 0 if mask is None else np.asarray(mask, bool)
+  masks_lib.check_mask(mask, dense.shape)
+  return BitmaskArray(values=dense[mask], bits=np.packbits(mask.reshape(-1)), shape=tuple(dense.shape),
+                      names=None if names is None else tuple(names))
 
 
 def compress_blocks(dense, block_shape, *, block_mask=None) -> BlockSparseMatrix:

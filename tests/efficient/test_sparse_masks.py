@@ -85,6 +85,14 @@ def test_nm_storage_keeps_zeros_inside_a_group_with_fewer_non_zeros():
   np.testing.assert_array_equal(np.asarray(sparse.compress_nm(dense, 2, 4).todense()), dense)
 
 
+def test_bitmask_storage_round_trip_is_exact_and_small():
+  weight = np.asarray(_scores((64, 40), 5))
+  pruned = weight * np.asarray(sparse.unstructured_mask(jnp.abs(jnp.asarray(weight)), 0.5))
+  stored = sparse.compress_bitmask(pruned)
+  np.testing.assert_array_equal(stored.todense(), pruned)
+  assert stored.nbytes() == 64 * 40 // 2 * 4 + 64 * 40 // 8  # half the f32 values + one bit per entry
+
+
 def test_block_storage_round_trip_is_exact():
   weight = np.asarray(_scores((64, 96), 4))
   mask, blocks = sparse.block_mask(jnp.abs(jnp.asarray(weight)), (32, 32), 0.5, return_blocks=True)
