@@ -1,0 +1,123 @@
+"""Sparse projections that drop in for `efficient.models.llama.Einsum` by path, without editing the model.
+
+- `SparseEinsum` (training): the dense kernel plus a `SparsityMask` with the kernel's logical axes (so it shards
+  with it); the forward uses kernel * mask, so masked weights get no gradient from the loss.
+- `BlockSparseEinsum` (inference): the kernel's [in, out] matrix view stored block-sparse (block values as a
+  Param, block tables as `BlockTable` variables); the forward flattens the input, runs
+  `pallas_kernels.block_sparse_matmul` (visiting only stored blocks) and restores the einsum's output layout.
+  Block values and tables are replicated under a mesh (the stored-block axis has no logical name).
+- `apply_masks(model, masks)` / `to_block_sparse(model, pattern, block_shape)` swap modules by path.
+"""
+from __future__ import annotations
+
+from typing import Mapping
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from efficient import calibration
+from efficient.models.llama import Einsum
+from efficient.sparse import masks as masks_lib
+from efficient.sparse import storage
+from pallas_kernels.block_sparse_matmul import BlockSparseMatrix, block_sparse_matmul
+
+
+_TABLES = ("block_row", "block_col", "col_counts", "col_slots", "row_counts", "row_slots")
+
+
+class BlockTable(nnx.Variable):
+  """Integer block index tables of a block-sparse weight (not trainable)."""
+
+
+def _names(variable: nnx.Variable):
+  return variable.get_metadata().get("out_sharding")
+
+
+class SparseEinsum(nnx.Module):
+  """`einsum(equation, x, kernel * mask)`: a masked Einsum with the same `kernel` parameter (and path)."""
+
+  def __init__(self, equation: str, kernel: nnx.Param, mask, compute_dtype):
+    masks_lib.check_mask(mask, kernel[...].shape)
+    self.equation = equation
+    self.compute_dtype = compute_dtype
+    self.kernel = kernel
+    names = _names(kernel) or (None,) * kernel[...].ndim
+    self.mask = masks_lib.mask_variable(jnp.asarray(mask, bool), names)
+
+  @classmethod
+  def from_einsum(cls, module: Einsum, mask, *, zero_masked: bool = True) -> "SparseEinsum":
+    """Wraps `module`'s kernel (zeroing the masked weights unless told not to) with `mask` [kernel shape]."""
+    kernel = module.kernel
+    masks_lib.check_mask(mask, kernel[...].shape)
+    if zero_masked:
+      kernel[...] = jnp.where(jnp.asarray(mask, bool), kernel[...], 0).astype(kernel[...].dtype)
+    return cls(module.equation, kernel, mask, module.compute_dtype)
+
+  def __call__(self, x):
+    kernel = jnp.where(self.mask[...], self.kernel[...], 0).astype(self.compute_dtype)
+    return jnp.einsum(self.equation, x, kernel)
+
+
+class BlockSparseEinsum(nnx.Module):
+  """An Einsum whose [in, out] matrix view is stored block-sparse and multiplied by the block-sparse kernel."""
+
+  def __init__(self, equation: str, kernel_shape, matrix: BlockSparseMatrix, compute_dtype, *,
+               implementation=None):
+    self.equation = equation
+    self.kernel_shape = tuple(kernel_shape)
+    self.compute_dtype = compute_dtype
+    self.implementation = implementation
+    self.shape, self.block_shape = matrix.shape, matrix.block_shape
+    self.values = nnx.Param(matrix.values)
+    for name in _TABLES:
+      setattr(self, name, BlockTable(getattr(matrix, name)))
+
+  @classmethod
+  def from_einsum(cls, module, block_shape, *, block_mask=None, implementation=None) -> "BlockSparseEinsum":
+    """Stores `module`'s kernel: the blocks of its matrix view holding a non-zero, or those `block_mask` keeps."""
+    matrix = np.asarray(calibration.kernel_as_matrix(module))
+    stored = storage.compress_blocks(matrix, block_shape, block_mask=block_mask)
+    return cls(module.equation, calibration.kernel_shape(module), stored, module.compute_dtype,
+               implementation=implementation)
+
+  def matrix(self) -> BlockSparseMatrix:
+    return BlockSparseMatrix(values=self.values[...], shape=self.shape, block_shape=self.block_shape,
+                             **{name: getattr(self, name)[...] for name in _TABLES})
+
+  def __call__(self, x):
+    rows = calibration.inputs_as_matrix(self.equation, x).astype(self.compute_dtype)
+    matrix = self.matrix().astype(self.compute_dtype)
+    out = block_sparse_matmul(rows, matrix, implementation=self.implementation)
+    return calibration.outputs_from_matrix(self.equation, out, x.shape, self.kernel_shape)
+
+  def nbytes(self) -> int:
+    return self.matrix().nbytes()
+
+
+def apply_masks(model, masks: Mapping[str, object]) -> dict[str, SparseEinsum]:
+  """Replaces each Einsum at a path of `masks` ({path: kernel-shaped mask}) by a SparseEinsum, in place."""
+  modules = calibration.einsum_modules(model)
+  unknown = [path for path in masks if path not in modules]
+  if unknown:
+    raise ValueError(f"masks: no Einsum module at {unknown[:3]} (paths look like 'blocks/0/mlp/gate').")
+  swapped = {}
+  for path, mask in masks.items():
+    swapped[path] = SparseEinsum.from_einsum(modules[path], mask)
+    calibration.set_module(model, path, swapped[path])
+  return swapped
+
+
+def to_block_sparse(model, pattern: str, block_shape, *, implementation=None) -> dict[str, BlockSparseEinsum]:
+  """Replaces every Einsum (or SparseEinsum) whose path matches `pattern` by a BlockSparseEinsum storing the
+  blocks of its (masked) kernel that hold a non-zero, in place. Returns {path: new module}."""
+  modules = calibration.einsum_modules(model, pattern, types=(Einsum, SparseEinsum))
+  if not modules:
+    raise ValueError(f"pattern={pattern!r} matches no Einsum module of the model.")
+  swapped = {}
+  for path, module in modules.items():
+    if isinstance(module, SparseEinsum):  # store exactly what the masked forward uses
+      module.kernel[...] = jnp.where(module.mask[...], module.kernel[...], 0).astype(module.kernel[...].dtype)
+    swapped[path] = BlockSparseEinsum.from_einsum(module, block_shape, implementation=implementation)
+    calibration.set_module(model, path, swapped[path])
+  return swapped

@@ -1,0 +1,130 @@
+"""Sparse training: an optax wrapper that keeps pruned weights at exactly zero, optionally with RigL drop/grow.
+
+`sparse_updates(inner, masks, rigl_every=None, drop_fraction=0.3)` wraps any optax optimizer. `masks` is a pytree
+with the structure of the parameters holding a 0/1 (or bool) array for every sparse leaf and None for dense ones
+(`masks_for(params, {'blocks/0/mlp/gate': mask, ...})` builds it for an nnx Param state). The state keeps the
+current masks, so they are checkpointed and sharded with the optimizer state (same shapes as the parameters).
+Each step:
+- RigL (Evci et al. 2020), every `rigl_every` steps: per sparse matrix, drop the k active weights of smallest
+  magnitude and grow the k inactive ones of largest dense-gradient magnitude, k = drop_fraction(step) * active
+  (cosine-decayed to 0 at `rigl_end_step`); grown weights start at zero. The active count never changes.
+- The inner optimizer sees the gradient with inactive entries zeroed; its update is kept on active entries,
+  and inactive entries get `-param` (zero when already pruned; resets weights dropped this step to exactly 0).
+So weight decay, momentum or Adam moments can never move a pruned weight. For RigL the model's forward must be
+the plain weights (an `Einsum`, zeros where pruned), not `SparseEinsum`'s kernel * mask, whose zero gradient at
+inactive entries would leave nothing to grow by.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+_is_none = lambda x: x is None
+
+
+class SparseUpdatesState(NamedTuple):
+  inner: Any
+  masks: Any
+  step: jax.Array
+
+
+def _path_string(path) -> str:
+  parts = []
+  for key in path:
+    name = getattr(key, "key", getattr(key, "idx", getattr(key, "name", None)))
+    if name != "value":
+      parts.append(str(name))
+  return "/".join(parts)
+
+
+def masks_for(params, masks_by_path: Mapping[str, Any]):
+  """The masks pytree for `params` (e.g. an nnx Param state): module path 'blocks/0/mlp/gate' -> the mask of its
+  'kernel' leaf; None for every other leaf. Raises if a path names no kernel or a mask has the wrong shape."""
+  found = set()
+
+  def one(path, leaf):
+    name = _path_string(path)
+    module = name[:-len("/kernel")] if name.endswith("/kernel") else None
+    if module in masks_by_path:
+      mask = masks_by_path[module]
+      if tuple(mask.shape) != tuple(leaf.shape):
+        raise ValueError(f"masks[{module!r}] has shape {tuple(mask.shape)}; its kernel has {tuple(leaf.shape)}.")
+      found.add(module)
+      return jnp.asarray(mask, leaf.dtype)
+    return None
+
+  tree = jax.tree_util.tree_map_with_path(one, params)
+  missing = sorted(set(masks_by_path) - found)
+  if missing:
+    raise ValueError(f"masks_by_path: no parameter 'kernel' at {missing[:3]}.")
+  return tree
+
+
+def rigl_mask(param, grad, mask, drop_fraction):
+  """One RigL drop/grow of a 0/1 `mask`: the same number of active entries before and after."""
+  active = mask > 0
+  count = jnp.sum(active)
+  k = jnp.floor(drop_fraction * count).astype(jnp.int32)
+  flat = lambda a: a.reshape(-1)
+  # Drop: the k active entries of smallest |param| (inactive ones are pushed past every active one).
+  drop_score = jnp.where(active, jnp.abs(param), jnp.inf)
+  drop_rank = jnp.zeros(param.size, jnp.int32).at[jnp.argsort(flat(drop_score), stable=True)].set(
+      jnp.arange(param.size, dtype=jnp.int32))
+  keep = active & (drop_rank.reshape(param.shape) >= k)
+  # Grow: the k entries inactive before this step with the largest |grad| (dropped ones cannot regrow at once).
+  grow_score = jnp.where(active, -jnp.inf, jnp.abs(grad))
+  grow_rank = jnp.zeros(param.size, jnp.int32).at[jnp.argsort(-flat(grow_score), stable=True)].set(
+      jnp.arange(param.size, dtype=jnp.int32))
+  grow = ~active & (grow_rank.reshape(param.shape) < k)
+  return (keep | grow).astype(mask.dtype)
+
+
+def cosine_drop_fraction(drop_fraction: float, end_step: int):
+  """RigL's schedule: drop_fraction * (1 + cos(pi * step / end_step)) / 2, then 0."""
+  def schedule(step):
+    t = jnp.minimum(step / max(end_step, 1), 1.0)
+    return jnp.where(step < end_step, drop_fraction * 0.5 * (1 + jnp.cos(jnp.pi * t)), 0.0)
+  return schedule
+
+
+def sparse_updates(inner: optax.GradientTransformation, masks, *, rigl_every: int | None = None,
+                   drop_fraction: float = 0.3, rigl_end_step: int | None = None) -> optax.GradientTransformation:
+  """Wraps `inner` so that pruned weights stay exactly zero (and, with `rigl_every`, masks evolve by RigL)."""
+  if rigl_every is not None and (isinstance(rigl_every, bool) or not isinstance(rigl_every, int) or rigl_every < 1):
+    raise ValueError(f"rigl_every={rigl_every!r} must be a positive int (steps between drop/grow) or None.")
+  if not 0 <= drop_fraction < 1:
+    raise ValueError(f"drop_fraction={drop_fraction!r} must be in [0, 1).")
+  schedule = cosine_drop_fraction(drop_fraction, rigl_end_step if rigl_end_step is not None else 2**31 - 1)
+
+  def init(params):
+    leaves = jax.tree.leaves(masks, is_leaf=_is_none)
+    if not any(leaf is not None for leaf in leaves):
+      raise ValueError("masks holds no mask (every leaf is None): nothing is sparse.")
+    jax.tree.map(lambda m, p: None if m is None else _check_shape(m, p), masks, params, is_leaf=_is_none)
+    return SparseUpdatesState(inner.init(params), masks, jnp.zeros((), jnp.int32))
+
+  def update(grads, state, params=None):
+    if params is None:
+      raise ValueError("sparse_updates needs params (to zero dropped weights): call update(grads, state, params).")
+    current = state.masks
+    if rigl_every is not None:
+      due = (state.step > 0) & (state.step % rigl_every == 0)
+      fraction = schedule(state.step)
+      current = jax.tree.map(
+          lambda m, p, g: None if m is None else jnp.where(due, rigl_mask(p, g, m, fraction), m),
+          current, params, grads, is_leaf=_is_none)
+    masked_grads = jax.tree.map(lambda m, g: g if m is None else g * m, current, grads, is_leaf=_is_none)
+    updates, inner_state = inner.update(masked_grads, state.inner, params)
+    updates = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
+                           current, updates, params, is_leaf=_is_none)
+    return updates, SparseUpdatesState(inner_state, current, state.step + 1)
+
+  return optax.GradientTransformation(init, update)
+
+
+def _check_shape(mask, param):
+  if tuple(mask.shape) != tuple(param.shape):
+    raise ValueError(f"masks: a mask of shape {tuple(mask.shape)} sits on a parameter of shape {tuple(param.shape)}.")
