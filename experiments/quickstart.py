@@ -59,6 +59,35 @@ VARIANTS: dict[str, tuple[str, Callable[[str], models.LoadedModel]]] = {
 }
 
 
+def _load_quantized(name: str, rules, calibration_batches: int = 0) -> models.LoadedModel:
+  """The f32 model with its projections quantized by `rules` (efficient.quant.quantize_model); GPTQ calibrates
+  on `calibration_batches` x 4 x 256 tokens of the stdlib TRAIN split."""
+  from efficient import quant  # imported on use: the float quickstart does not need it
+  loaded = _load_float32(name)
+  batches = None
+  if calibration_batches:
+    source = data.stdlib_dataset("train", batch_size=4, seq_len=256, tokenizer=loaded.tokenizer, shuffle=False,
+                                 max_tokens=calibration_batches * 4 * 256 * 2)
+    batches = [source.batch(step) for step in range(calibration_batches)]
+  quant.quantize_model(loaded.model, rules, calibration_data=batches)
+  return loaded
+
+
+def _load_int8(name: str) -> models.LoadedModel:
+  from efficient.quant import QuantConfig
+  return _load_quantized(name, [(".*", QuantConfig(fmt="int8"))])
+
+
+def _load_int4_gptq(name: str) -> models.LoadedModel:
+  from efficient.quant import QuantConfig
+  return _load_quantized(name, [(".*", QuantConfig(fmt="int4", group_size=64, method="gptq"))],
+                         calibration_batches=2)
+
+
+VARIANTS["int8"] = ("projections int8 per-channel RTN (weight-only), from the f32 model", _load_int8)
+VARIANTS["int4-gptq"] = ("projections int4 groups of 64, GPTQ on 2x4x256 train tokens", _load_int4_gptq)
+
+
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _token_losses(state, batch, *, graphdef):
   """Per-token next-token NLL [B, T] (0 where the loss mask is 0)."""

@@ -64,8 +64,9 @@ class _QuantizedProjection(nnx.Module):
       raise ValueError(f"q must be the module's [in, out] = {calibration.matrix_shape(module)} matrix quantized "
                        f"along axis 0; got shape {q.shape}, axis {q.axis}.")
     in_name, out_name = matrix_axis_names(module)
-    self.meta = {"fmt": q.fmt, "shape": q.shape, "dtype": q.dtype, "axis": 0, "granularity": q.granularity,
-                 "group_size": q.group_size, "logical_axes": (in_name, out_name)}
+    # A tuple, not a dict: the metadata lands in the graphdef, which jit hashes as a static argument.
+    self.meta = (("fmt", q.fmt), ("shape", q.shape), ("dtype", q.dtype), ("axis", 0),
+                 ("granularity", q.granularity), ("group_size", q.group_size), ("logical_axes", (in_name, out_name)))
     scale_names = (in_name if q.scale.shape[0] > 1 else None, out_name if q.scale.shape[-1] > 1 else None)
     names = {"qvalue": (in_name, out_name), "scale": scale_names, "zero_point": scale_names,
              "scale_scale": (scale_names[0], None), "scale_offset": ()}
@@ -76,7 +77,7 @@ class _QuantizedProjection(nnx.Module):
   def qarray(self) -> qa.QArray:
     """The stored weight as a QArray (rebuilt from the variables; cheap, no copies)."""
     fields = {f: None if getattr(self, f) is None else getattr(self, f)[...] for f in _FIELDS}
-    return qa.QArray(**fields, **self.meta)
+    return qa.QArray(**fields, **dict(self.meta))
 
   def weight_matrix(self, dtype=jnp.float32):
     """The dequantized [in, out] weight."""

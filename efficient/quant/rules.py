@@ -110,25 +110,30 @@ def plan(model: nnx.Module, rules: Rules) -> dict[str, QuantConfig]:
   return chosen
 
 
-def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[dict] | None = None) -> nnx.Module:
+def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[dict] | None = None, *,
+                   statistics: dict | None = None) -> nnx.Module:
   """Replaces the projections matched by `rules` with quantized ones (in place); returns `model`.
 
   calibration_data: batches (dicts with 'tokens' and optionally 'positions', 'segment_ids', 'loss_mask') for
   GPTQ and SmoothQuant; iterated once per calibration pass (materialized into a list).
+  statistics: optional `calibration.capture_hessians(model, calibration_data)` output to reuse for GPTQ (saves
+  a calibration pass when several configurations quantize the same float model; ignored after SmoothQuant,
+  which changes the inputs).
   """
   chosen = plan(model, rules)
-  if any(c.needs_calibration for c in chosen.values()):
+  smoothed = [p for p, c in chosen.items() if c.smoothquant_alpha is not None]
+  gptq_paths = [p for p, c in chosen.items() if c.method == "gptq"]
+  reuse = statistics is not None and not smoothed and all(p in statistics for p in gptq_paths)
+  if any(c.needs_calibration for c in chosen.values()) and not reuse:
     if calibration_data is None:
       raise ValueError("calibration_data is required: a rule uses GPTQ or SmoothQuant.")
     calibration_data = list(calibration_data)
     if not calibration_data:
       raise ValueError("calibration_data holds no batches.")
-  smoothed = [p for p, c in chosen.items() if c.smoothquant_alpha is not None]
   if smoothed:
     smooth_model(model, {p: chosen[p].smoothquant_alpha for p in smoothed}, calibration_data)
-  gptq_paths = [p for p, c in chosen.items() if c.method == "gptq"]
-  stats = {}
-  if gptq_paths:
+  stats = statistics if reuse else {}
+  if gptq_paths and not reuse:
     stats = calibration.capture_hessians(model, calibration_data, pattern=_exact(gptq_paths))
   for path, config in chosen.items():
     module = calibration.get_module(model, path)

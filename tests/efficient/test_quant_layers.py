@@ -148,3 +148,4 @@ def test_orbax_round_trip_is_bit_identical(tiny, tokens, tmp_path):
   gate = restored["blocks"][0]["mlp"]["gate"]["qvalue"]
   assert gate[...].dtype == jnp.uint8 and gate[...].shape[0] == llama.TINY.embed_dim // 2  # packed stays packed
   np.testing.assert_array_equal(nnx.merge(target_def, restored)(tokens), quantized(tokens))
+  hash(graphdef)  # jit takes it as a static argument (train.evaluate does)

@@ -1,0 +1,29 @@
+"""experiments.ptq end to end on the tiny random-init model (the SmolLM2 run is the experiment itself)."""
+import json
+
+import pytest
+
+from experiments import ptq
+
+
+def test_ptq_writes_results_on_tiny(tmp_path):
+  config = ptq.default_config()
+  config.update(model="tiny", rows="float32,w8,w4-rtn,w4-gptq", group_size=32, calib_batches=1, eval_batches=1,
+                calib_seq_len=32, eval_seq_len=32, prefill_len=32, timing_repeats=1)
+  results = ptq.run(config, str(tmp_path))
+  rows = results["rows"]
+  assert rows["float32"]["bytes_per_param"] == 4.0
+  assert rows["w8"]["bytes_per_param"] < 1.1 and rows["w4-gptq"]["bytes_per_param"] < 0.6
+  assert rows["w4-gptq"]["projections"] == 14
+  for name in ("results.json", "results.md", "ptq.png"):
+    assert (tmp_path / name).exists(), name
+  markdown = (tmp_path / "results.md").read_text()
+  assert "| seed claim | measured | verdict |" in markdown and "w4-gptq" in markdown
+  assert json.loads((tmp_path / "results.json").read_text())["results"]["rows"]["w8"]["validation"]["perplexity"] > 1
+
+
+def test_unknown_row_is_refused(tmp_path):
+  config = ptq.default_config()
+  config.rows = "float32,w9"
+  with pytest.raises(ValueError, match="w9"):
+    ptq.run(config, str(tmp_path))
