@@ -76,16 +76,26 @@ def _check_hessian(hessian, in_features: int) -> None:
     raise ValueError(f"hessian must be [in, in] = {(in_features, in_features)}; got {tuple(hessian.shape)}.")
 
 
+@functools.partial(jax.jit, static_argnames=("sparsity", "nm", "per_output"))  # one dispatch per layer shape
 def _mask_from_scores(scores, sparsity, nm, *, per_output: bool):
   if nm is not None:
     return masks_lib.nm_mask(scores, *nm)
   return masks_lib.unstructured_mask(scores, sparsity, per_output=per_output)
 
 
+def _nm_key(nm):
+  """nm as a hashable (n, m) for jit's static arguments (validated by the mask functions)."""
+  if nm is None:
+    return None
+  if not isinstance(nm, (tuple, list)) or len(nm) != 2:
+    raise ValueError(f"nm={nm!r} must be a pair (n, m), e.g. (2, 4).")
+  return tuple(nm)
+
+
 def magnitude(w, *, sparsity: float = 0.5, nm=None):
   """(pruned w, kept mask): the smallest |w| of the whole layer (or of each N:M group) set to zero."""
   _check_weight(w)
-  mask = _mask_from_scores(jnp.abs(w.astype(jnp.float32)), sparsity, nm, per_output=False)
+  mask = _mask_from_scores(jnp.abs(w.astype(jnp.float32)), sparsity, _nm_key(nm), per_output=False)
   return jnp.where(mask, w, 0).astype(w.dtype), mask
 
 
@@ -95,7 +105,7 @@ def wanda(w, hessian, *, sparsity: float = 0.5, nm=None):
   _check_hessian(hessian, w.shape[0])
   norms = jnp.sqrt(jnp.maximum(jnp.diag(hessian.astype(jnp.float32)), 0))
   scores = jnp.abs(w.astype(jnp.float32)) * norms[:, None]
-  mask = _mask_from_scores(scores, sparsity, nm, per_output=True)
+  mask = _mask_from_scores(scores, sparsity, _nm_key(nm), per_output=True)
   return jnp.where(mask, w, 0).astype(w.dtype), mask
 
 
