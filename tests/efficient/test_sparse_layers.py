@@ -22,7 +22,9 @@ def _tokens(seed=0):
 
 
 def _masks(model, pattern=r"mlp/(gate|up|down)$", sparsity=0.5):
-  return {path: sparse.unstructured_mask(jnp.abs(calibration.kernel_as_matrix(m)), sparsity)
+  """Kernel-shaped magnitude masks (chosen on each kernel's [in, out] matrix view)."""
+  return {path: calibration.matrix_to_kernel(m, sparse.unstructured_mask(jnp.abs(calibration.kernel_as_matrix(m)),
+                                                                         sparsity))
           for path, m in calibration.einsum_modules(model, pattern).items()}
 
 
@@ -142,3 +144,23 @@ def test_bad_input():
     layers.apply_masks(model, {"blocks/9/mlp/gate": jnp.ones((64, 128))})
   with pytest.raises(ValueError, match=r"^mask has shape \(3, 3\); the weight it masks has shape \(64, 128\)"):
     layers.apply_masks(model, {"blocks/0/mlp/gate": jnp.ones((3, 3))})
+
+
+def test_masked_model_sharded_fsdp_tp_equals_single_device():
+  from efficient import sharding
+  tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, llama.TINY.vocab_size, dtype=jnp.int32)
+  single = _model()
+  masks = _masks(single, r"mlp/|attention/q$")
+  layers.apply_masks(single, masks)
+  expected = np.asarray(jax.jit(lambda m, t: m(t))(single, tokens))
+  model = _model()
+  layers.apply_masks(model, masks)
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  assert sharding.shard_model(model, mesh, "fsdp_tp") == []
+  gate = model.blocks[0].mlp.gate
+  kernel, mask = gate.kernel[...], gate.mask[...]
+  assert mask.sharding.shard_shape(mask.shape) == kernel.sharding.shard_shape(kernel.shape) == (32, 64)
+  with jax.set_mesh(mesh):
+    logits = jax.jit(lambda m, t: m(t))(model, jax.device_put(tokens, sharding.batch_sharding(mesh, "fsdp_tp")))
+  assert len(logits.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, rtol=1e-5)
