@@ -1,12 +1,13 @@
 """Quantization: `QArray` formats (int8, packed int4/int3/int2, NF4, fp8, MX), RTN quantize/dequantize, SQNR,
 `matmul(x, q)` through the weight-only Pallas kernels, PTQ methods (`gptq_quantize`, SmoothQuant) and
-`quantize_model(model, rules, calibration_data)` with quantized Einsum layers."""
+`quantize_model(model, rules, calibration_data)` with quantized Einsum layers, and basic QAT (LSQ)."""
 from efficient.quant.formats import FORMATS, Format
 from efficient.quant.qarray import QArray, bytes_per_param, dequantize, matmul, nbytes, quantize, sqnr_db
 from efficient.quant.calibrate import gptq_quantize, rtn_quantize, smoothquant_scales
 from efficient.quant.layers import LLMInt8Einsum, QuantizedEinsum, QuantizedWeight
 from efficient.quant.rules import QuantConfig, quantize_model
+from efficient.quant.qat import QATConfig, convert_qat, prepare_qat
 
-__all__ = ["FORMATS", "Format", "LLMInt8Einsum", "QArray", "QuantConfig", "QuantizedEinsum", "QuantizedWeight",
-           "bytes_per_param", "dequantize", "gptq_quantize", "matmul", "nbytes", "quantize", "quantize_model",
-           "rtn_quantize", "smoothquant_scales", "sqnr_db"]
+__all__ = ["FORMATS", "Format", "LLMInt8Einsum", "QArray", "QATConfig", "QuantConfig", "QuantizedEinsum",
+           "QuantizedWeight", "bytes_per_param", "convert_qat", "dequantize", "gptq_quantize", "matmul", "nbytes", "prepare_qat",
+           "quantize", "quantize_model", "rtn_quantize", "smoothquant_scales", "sqnr_db"]

@@ -100,7 +100,7 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   codes, scale, zero = _gptq_blocks(w32, u, perm, scale, zero, fmt=fmt, g=g, block_size=block_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype, static=static)
   codes = codes[jnp.argsort(perm)]
-  return QArray(qvalue=_encode(codes, fmt, symmetric), scale=scale, zero_point=None if symmetric else zero,
+  return QArray(qvalue=encode_codes(codes, fmt, symmetric), scale=scale, zero_point=None if symmetric else zero,
                 fmt=fmt.name, shape=(k, n), dtype=jnp.dtype(w.dtype).name, axis=0,
                 granularity="channel" if group_size is None else "group", group_size=g,
                 logical_axes=None if logical_axes is None else tuple(logical_axes))
@@ -182,7 +182,7 @@ def _gptq_blocks(w, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scal
   return codes, scale, zero
 
 
-def _encode(codes, fmt, symmetric):
+def encode_codes(codes, fmt, symmetric: bool):
   """Integer codes [K, N] (signed if symmetric, 0..2^b-1 with zero points) -> QArray storage (as quantize_int)."""
   if symmetric:
     if fmt.bits == 8:
@@ -217,4 +217,5 @@ def smoothquant_scales(act_absmax, weights, alpha: float = 0.5, eps: float = 1e-
   return jnp.where(jnp.isfinite(s) & (s > 0), s, 1.0)
 
 
-__all__ = ["INT_FORMATS", "gptq_quantize", "int_format", "layer_error", "rtn_quantize", "smoothquant_scales"]
+__all__ = ["INT_FORMATS", "encode_codes", "gptq_quantize", "int_format", "layer_error", "rtn_quantize",
+           "smoothquant_scales"]

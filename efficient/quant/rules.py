@@ -87,15 +87,18 @@ class QuantConfig:
 Rules = Sequence[tuple[str, "QuantConfig | None"]]
 
 
-def plan(model: nnx.Module, rules: Rules) -> dict[str, QuantConfig]:
-  """{path: config} for every Einsum a rule quantizes (first matching rule wins; None leaves it float)."""
+def plan(model: nnx.Module, rules: Rules, *, config_type=None) -> dict[str, QuantConfig]:
+  """{path: config} for every Einsum a rule quantizes (first matching rule wins; None leaves it float).
+  `config_type`: the config class rules must hold (QuantConfig; QATConfig for `qat.prepare_qat`)."""
+  config_type = config_type or QuantConfig
   compiled = []
   for i, rule in enumerate(rules):
     if not isinstance(rule, (tuple, list)) or len(rule) != 2:
       raise ValueError(f"rules[{i}] must be a (path regex, QuantConfig | None) pair; got {rule!r}.")
     pattern, config = rule
-    if config is not None and not isinstance(config, QuantConfig):
-      raise ValueError(f"rules[{i}]: the config must be a QuantConfig or None; got {type(config).__name__}.")
+    if config is not None and not isinstance(config, config_type):
+      raise ValueError(f"rules[{i}]: the config must be a {config_type.__name__} or None; "
+                       f"got {type(config).__name__}.")
     try:
       compiled.append((re.compile(pattern), config))
     except (re.error, TypeError) as e:
