@@ -60,15 +60,45 @@ def check_mask(mask, shape) -> None:
     raise ValueError(f"mask has shape {tuple(np.shape(mask))}; the weight it masks has shape {tuple(shape)}.")
 
 
-def _keep_top(scores, num_pruned: int, axis):
-  """True except for the `num_pruned` lowest scores along `axis` (None: over all entries)."""
+def _sortable_keys(scores):
+  """float -> uint32 keys with the same order (sign-magnitude floats flipped to unsigned order)."""
+  bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+  return jnp.where((bits >> 31) == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _keep_top(scores, num_pruned, axis):
+  """True except for the `num_pruned` lowest scores along `axis` (None: over all entries); ties pruned in order of
+  position. `num_pruned` may be traced.
+
+  Selection without sorting (XLA:CPU sorts ~1M floats in ~1.5 s): a 32-step bisection over the scores' uint32
+  keys finds each group's num_pruned-th smallest key, then ties at that key are taken by position (cumsum).
+  """
+  if isinstance(num_pruned, int) and num_pruned == 0:
+    return jnp.ones(scores.shape, bool)
   if axis is None:
-    flat = scores.reshape(-1)
-    ranks = jnp.zeros(flat.shape, jnp.int32).at[jnp.argsort(flat, stable=True)].set(
-        jnp.arange(flat.size, dtype=jnp.int32))
-    return (ranks >= num_pruned).reshape(scores.shape)
-  ranks = jnp.argsort(jnp.argsort(scores, axis=axis, stable=True), axis=axis, stable=True)
-  return ranks >= num_pruned
+    moved = scores.reshape(-1, 1)
+  else:
+    moved = jnp.moveaxis(scores, axis, 0)
+    moved_shape = moved.shape
+    moved = moved.reshape(moved.shape[0], -1)
+  keys = _sortable_keys(moved)
+
+  def bisect(_, bounds):
+    low, high = bounds
+    middle = low + (high - low) // 2
+    enough = jnp.sum(keys <= middle[None, :], axis=0) >= num_pruned
+    return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+  groups = keys.shape[1]
+  kth, _ = jax.lax.fori_loop(0, 32, bisect, (jnp.zeros((groups,), jnp.uint32),
+                                             jnp.full((groups,), 0xFFFFFFFF, jnp.uint32)))
+  below = keys < kth[None, :]
+  ties = keys == kth[None, :]
+  still_needed = num_pruned - jnp.sum(below, axis=0)
+  pruned = below | (ties & (jnp.cumsum(ties, axis=0) <= still_needed[None, :]))
+  if axis is None:
+    return ~pruned.reshape(scores.shape)
+  return jnp.moveaxis(~pruned.reshape(moved_shape), 0, axis)
 
 
 def unstructured_mask(scores, sparsity: float, *, per_output: bool = False):
@@ -149,3 +179,6 @@ def sparsity_of(matrix) -> float:
 
 def num_pruned(size: int, sparsity: float) -> int:
   return int(math.floor(size * check_sparsity(sparsity)))
+
+
+keep_top = _keep_top  # shared with SparseGPT's in-loop mask selection

@@ -160,11 +160,9 @@ def _sparsegpt(w, hessian, *, sparsity, n, m, block_size, damping):
       mask1 = jnp.zeros((block_size, out), bool)
     else:  # adaptive mask selection: the lowest w^2 / U_ii^2 of this block (real inputs only)
       real1 = jax.lax.dynamic_slice(real, (start,), (block_size,))
-      scores = jnp.where(real1[:, None], w1 ** 2 / d2, jnp.inf).reshape(-1)
-      ranks = jnp.zeros(scores.shape, jnp.int32).at[jnp.argsort(scores, stable=True)].set(
-          jnp.arange(scores.size, dtype=jnp.int32))
+      scores = jnp.where(real1[:, None], w1 ** 2 / d2, jnp.inf)
       pruned_count = jnp.floor(jnp.sum(real1) * out * sparsity).astype(jnp.int32)
-      mask1 = (ranks >= pruned_count).reshape(block_size, out)
+      mask1 = masks_lib.keep_top(scores, pruned_count, axis=None)
 
     def column_step(i, inner):
       w1, mask1, errors = inner
@@ -172,8 +170,7 @@ def _sparsegpt(w, hessian, *, sparsity, n, m, block_size, damping):
         start_group = (i // m) * m
         group = jax.lax.dynamic_slice(w1, (start_group, 0), (m, out)) ** 2 / jax.lax.dynamic_slice(
             d2, (start_group, 0), (m, 1))
-        ranks = jnp.argsort(jnp.argsort(group, axis=0, stable=True), axis=0, stable=True)
-        chosen = jax.lax.dynamic_update_slice(mask1, ranks >= m - n, (start_group, 0))
+        chosen = jax.lax.dynamic_update_slice(mask1, masks_lib.keep_top(group, m - n, axis=0), (start_group, 0))
         mask1 = jnp.where(i % m == 0, chosen, mask1)
       row = w1[i]
       q = jnp.where(mask1[i], row, 0.0)
