@@ -46,3 +46,16 @@ def test_attention_scaling_toy_run(tmp_path):
 def test_slope_of_power_law():
   ns = np.array([256, 512, 1024])
   assert abs(attention_scaling.slope(ns, 3.0 * ns ** 2) - 2.0) < 1e-9
+
+
+def test_mqar_verdicts_need_a_trained_softmax():
+  config = mqar.default_config()
+  make = lambda acc, state: {"accuracy": acc, "state_bytes": state}
+  trained = {"softmax": make(0.99, 10), "window (w=8)": make(0.2, 1), "linear (Taylor, d_f=16)": make(0.4, 5),
+             "Based (d_f=4, w=8)": make(0.8, 2), "Based (d_f=16, w=8)": make(0.9, 6)}
+  verdicts = [c.verdict for c in mqar.claims_for(trained, 0.25, config)]
+  assert verdicts == ["reproduced"] * 4
+  assert "85% of the gap closed" in mqar.claims_for(trained, 0.25, config)[2].measured  # (0.9-0.4)/(0.99-0.4)
+  under = dict(trained, softmax=make(0.12, 10))
+  verdicts = [c.verdict for c in mqar.claims_for(under, 0.25, config)]
+  assert verdicts[0].startswith("not reproduced") and all("inconclusive" in v for v in verdicts[1:])
