@@ -10,6 +10,10 @@ measured alternately with the float model (ratio = row / float). Calibration (GP
 activation maxima) uses `calib_batches` x `calib_batch_size` sequences of `calib_seq_len` tokens of the TRAIN
 split, captured once from the float model and shared by the GPTQ rows.
 
+Runtime: the default (13 rows) took 37 min on the shared 2-core CPU at load ~8 (float model eval ~1.5 min per row;
+each GPTQ row ~5 min: the per-row loop costs ~1-2 ms, ~1.5 s per matrix x 210). For a quick run pick rows, e.g.
+`--config.rows=float32,w8,w4-rtn,w4-gptq-actorder`.
+
 Group sizes: SmolLM2's q/k/v/o/gate/up contract over K = 576, which 128 does not divide, so the 4/3-bit rows
 use groups of 64 (GPTQ's usual g128 would only fit `down`).
 """
