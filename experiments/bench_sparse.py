@@ -35,8 +35,6 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/bench_sparse", "Directory for results.json and results.md.")
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
 
 
 def random_block_mask(rng, kb: int, nb: int, density: float) -> np.ndarray:
@@ -117,4 +115,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import several experiments in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/bench_sparse", "Directory for results.json and results.md.")
+  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
   app.run(main)

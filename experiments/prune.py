@@ -42,8 +42,6 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/prune", "Directory for results.json and results.md.")
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
 
 
 def parse_pattern(pattern: str) -> dict:
@@ -193,4 +191,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import several experiments in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/prune", "Directory for results.json and results.md.")
+  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
   app.run(main)
