@@ -3,6 +3,7 @@
 Note: `pallas_kernels.matmul` below is the *function*; reach an op's other parts with
 `from pallas_kernels.matmul import tpu, cost, IMPLEMENTATIONS` (which reads the submodule).
 """
+from pallas_kernels.block_sparse_matmul import block_sparse_matmul
 from pallas_kernels.flash_attention import flash_attention, flash_decode
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.linear_attention import linear_attention
@@ -10,5 +11,5 @@ from pallas_kernels.matmul import matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.rms_norm import rms_norm
 
-__all__ = ["flash_attention", "flash_decode", "int8_matmul", "linear_attention", "matmul", "quant_matmul",
+__all__ = ["block_sparse_matmul", "flash_attention", "flash_decode", "int8_matmul", "linear_attention", "matmul", "quant_matmul",
            "rms_norm"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _dispatch
+from pallas_kernels.block_sparse_matmul import IMPLEMENTATIONS as BSR, block_sparse_matmul, from_dense
 from pallas_kernels.flash_attention import IMPLEMENTATIONS as FLASH, flash_attention
 from pallas_kernels.int8_matmul import IMPLEMENTATIONS as INT8, int8_matmul
 from pallas_kernels.linear_attention import IMPLEMENTATIONS as LINEAR, linear_attention
@@ -17,6 +18,8 @@ _F = jnp.ones((2, 8, 2, 16), jnp.float32)
 # op name -> (callable taking implementation=, its IMPLEMENTATIONS)
 OPS = {
     "matmul": (lambda **kw: matmul(jnp.ones((8, 16)), jnp.ones((16, 8)), **kw), MATMUL),
+    "block_sparse_matmul": (lambda **kw: block_sparse_matmul(jnp.ones((8, 32)), from_dense(np.eye(32), (16, 16)),
+                                                             **kw), BSR),
     "rms_norm": (lambda **kw: rms_norm(jnp.ones((8, 16)), jnp.ones((16,)), **kw), RMS_NORM),
     "flash_attention": (lambda **kw: flash_attention(_F, _F, _F, **kw), FLASH),
     "linear_attention": (lambda **kw: linear_attention(_F, _F, _F, **kw), LINEAR),
