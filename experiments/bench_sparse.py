@@ -20,7 +20,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from experiments import common
-from pallas_kernels import block_sparse_matmul as bsm
+from pallas_kernels.block_sparse_matmul import block_sparse_matmul, cost as block_sparse_cost, from_block_mask
 from pallas_kernels.matmul import cost as dense_cost
 
 
@@ -62,13 +62,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   started = time.perf_counter()
   for density in densities:
     block_mask = random_block_mask(rng, kb, nb, density)
-    w = bsm.from_block_mask(w_dense, block_mask, (block, block)).astype(dtype)
+    w = from_block_mask(w_dense, block_mask, (block, block)).astype(dtype)
     w_masked = w.todense()
-    sparse_fn = jax.jit(lambda x, w: bsm.block_sparse_matmul(x, w, implementation="xla"))
+    sparse_fn = jax.jit(lambda x, w: block_sparse_matmul(x, w, implementation="xla"))
     error = float(jnp.max(jnp.abs(sparse_fn(x, w) - dense_fn(x, w_masked))))
     timings = common.time_side_by_side({"dense": lambda: dense_fn(x, w_masked), "block_sparse": lambda: sparse_fn(x, w)},
                                        repeats=config.repeats)
-    modeled = bsm.cost(m, k, n, nnz_blocks=w.nnz_blocks, block_shape=(block, block), dtype=dtype,
+    modeled = block_sparse_cost(m, k, n, nnz_blocks=w.nnz_blocks, block_shape=(block, block), dtype=dtype,
                        max_blocks_per_col=int(w.col_slots.shape[1]))
     rows[f"{density:.2f}"] = {
         "density": w.density, "nnz_blocks": w.nnz_blocks, "max_blocks_per_col": int(w.col_slots.shape[1]),

@@ -87,9 +87,6 @@ ROWS = {
 
 QUICK_ROWS = "float32,w8,w8a8-smoothquant,w4-rtn,w4-gptq-actorder,nf4"
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/ptq", "Directory for results.json, results.md, plots.")
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-
 
 def projection_bytes(model) -> dict:
   """Bytes of every projection's weight as stored (float kernels or quantized arrays) and their parameter count."""
@@ -279,4 +276,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import several experiments in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/ptq", "Directory for results.json, results.md, plots.")
+  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
   app.run(main)

@@ -45,10 +45,6 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "Directory for results.json, results.md, plots.")
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-
-
 def _load_float32(name: str) -> models.LoadedModel:
   return models.load(name, dtype=jnp.float32)
 
@@ -239,4 +235,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import several experiments in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/quickstart", "Directory for results.json, results.md, plots.")
+  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
   app.run(main)

@@ -44,11 +44,6 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-_WORKDIR = flags.DEFINE_string("workdir", "workdir/train_lm", "Checkpoints, metrics.jsonl, results and plots.")
-_MESH = flags.DEFINE_string("mesh", "", "Mesh axes, e.g. 'data:2,fsdp:2,tensor:2' (empty: one device).")
-_CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-
-
 def model_config(config) -> llama.LlamaConfig:
   if config.model not in MODELS:
     raise ValueError(f"--config.model={config.model!r} is unknown; choose one of {sorted(MODELS)}.")
@@ -135,4 +130,8 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  # Flags are defined only when run as a program, so tests can import several experiments in one process.
+  _WORKDIR = flags.DEFINE_string("workdir", "workdir/train_lm", "Checkpoints, metrics.jsonl, results and plots.")
+  _MESH = flags.DEFINE_string("mesh", "", "Mesh axes, e.g. 'data:2,fsdp:2,tensor:2' (empty: one device).")
+  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
   app.run(main)
