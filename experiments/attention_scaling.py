@@ -18,9 +18,8 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
+from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from efficient import measure
 from efficient.attention import BasedConfig, LinearAttentionConfig
@@ -254,14 +253,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return {"table": table, "fits": fits}
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so tests can import several experiments in one process.
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/attention_scaling", "Where results and plots go.")
-  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-  app.run(main)
+  common.run_program(run, default_config(), "workdir/attention_scaling")

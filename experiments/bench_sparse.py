@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
-from ml_collections import config_flags
 
 from experiments import common
 from pallas_kernels.block_sparse_matmul import block_sparse_matmul, cost as block_sparse_cost, from_block_mask
@@ -109,13 +107,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  del argv
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so tests can import several experiments in one process.
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/bench_sparse", "Directory for results.json and results.md.")
-  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-  app.run(main)
+  common.run_program(run, default_config(), "workdir/bench_sparse")

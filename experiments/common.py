@@ -109,3 +109,21 @@ def _json_default(value):
   if dataclasses.is_dataclass(value):
     return dataclasses.asdict(value)
   return str(value)
+
+
+def run_program(run: Callable[[Any, str], Any], default_config, default_workdir: str) -> None:
+  """The entrypoint of `python -m experiments.<name>`: defines --workdir and --config, then calls
+  `run(config, workdir)` under absl. Flags are defined only here, when an experiment runs as a program, so tests
+  can import several experiments in one process."""
+  from absl import app, flags
+  from ml_collections import config_flags
+
+  workdir = flags.DEFINE_string("workdir", default_workdir, "Directory for results.json, results.md and plots.")
+  config = config_flags.DEFINE_config_dict("config", default_config)
+
+  def main(argv):
+    if len(argv) > 1:
+      raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    run(config.value, workdir.value)
+
+  app.run(main)

@@ -18,9 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
 from efficient import data, measure
 from efficient.attention import BasedConfig, LinearAttentionConfig, layer_state_bytes
@@ -260,14 +258,5 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so tests can import several experiments in one process.
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/mqar", "Where results.json, results.md and plots go.")
-  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-  app.run(main)
+  common.run_program(run, default_config(), "workdir/mqar")

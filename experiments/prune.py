@@ -21,9 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
 from efficient import calibration, data, models, sparse, train
 from efficient.sparse import prune, storage
@@ -189,13 +187,5 @@ def _claims(rows: dict, patterns: dict, methods: list) -> list:
   return claims
 
 
-def main(argv):
-  del argv
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so tests can import several experiments in one process.
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/prune", "Directory for results.json and results.md.")
-  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-  app.run(main)
+  common.run_program(run, default_config(), "workdir/prune")

@@ -25,9 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app, flags
 from flax import nnx
-from ml_collections import config_flags
 
 from efficient import calibration, data, models, quant, train
 from efficient.quant import QuantConfig
@@ -269,14 +267,5 @@ def _plot(workdir, rows, base):
   return path
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  run(_CONFIG.value, _WORKDIR.value)
-
-
 if __name__ == "__main__":
-  # Flags are defined only when run as a program, so tests can import several experiments in one process.
-  _WORKDIR = flags.DEFINE_string("workdir", "workdir/ptq", "Directory for results.json, results.md, plots.")
-  _CONFIG = config_flags.DEFINE_config_dict("config", default_config())
-  app.run(main)
+  common.run_program(run, default_config(), "workdir/ptq")
