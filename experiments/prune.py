@@ -8,6 +8,9 @@ train split (shared by Wanda and SparseGPT, one-shot: layers see dense-model inp
 perplexity on the quickstart's slice (first `eval_batches` of the validation split, 4 x 256 tokens each), its
 change vs dense, the measured sparsity, and the measured bytes of the pruned matrices in compressed storage
 (2:4 -> kept values + 2-bit packed positions; unstructured -> kept values + a 1-bit mask), against dense f32.
+Every N:M row also runs with its kept values quantized to int4 (`--config.quantize_nm`, RTN symmetric per group of
+32 kept values, packed two per byte — Sparse-MARLIN's 2:4 + int4 storage; '' turns it off). This is RTN after
+pruning, not SparseGPT's joint prune-and-quantize pass.
 
 Runtime: the committed results took 36 min on the shared 2-core CPU with 3-4 other jobs running (Hessian capture
 2.3 min, SparseGPT 8-9 min per pattern, magnitude/Wanda 1-2.5 min each before their mask selection dropped
@@ -15,6 +18,7 @@ XLA:CPU's sort); on an idle machine expect roughly a third. `--config.methods=ma
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -23,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from efficient import calibration, data, models, sparse, train
+from efficient import calibration, data, models, quant, sparse, train
 from efficient.sparse import prune, storage
 from experiments import common
 
@@ -41,6 +45,9 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batch_size = 4
   config.block_size = 128               # SparseGPT
   config.damping = 0.01                 # SparseGPT
+  # N:M rows also run with their kept values quantized (Sparse-MARLIN's 2:4 + int4 storage); '' turns it off.
+  config.quantize_nm = "int4"
+  config.quantize_nm_group = 32         # kept values per scale: 32 of 2:4 = 64 dense inputs (ptq.py's g64)
   return config
 
 
@@ -71,6 +78,42 @@ def compressed_bytes(model, report: dict) -> dict:
     else:
       compressed += sparse.compress_bitmask(np.asarray(matrix)).nbytes()
   return {"dense": dense, "compressed": compressed, "ratio": compressed / dense}
+
+
+def quantize_nm_values(matrix, n: int, m: int, fmt: str, group_size: int):
+  """N:M storage with quantized kept values: compress to N:M, RTN-quantize the kept values [in*n/m, out] per
+  group of `group_size` along the input axis (symmetric, so stored zeros stay zero), and return the dense matrix
+  it stands for plus its measured bytes (packed codes + scales + packed positions)."""
+  stored = sparse.compress_nm(matrix, n, m)
+  codes = quant.quantize(stored.values, fmt, axis=0, group_size=group_size)
+  restored = dataclasses.replace(stored, values=quant.dequantize(codes, stored.values.dtype)).todense()
+  return restored, quant.nbytes(codes) + int(stored.indices.size)
+
+
+def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batches, dense_eval):
+  """The pruned model's N:M matrices replaced by their quantized N:M storage (dequantized for evaluation)."""
+  model = nnx.merge(graphdef, jax.tree.map(lambda a: a, pruned_state))
+  n, m = pattern["nm"]
+  dense = compressed = 0
+  t0 = time.perf_counter()
+  for path in report:
+    module = calibration.get_module(model, path)
+    matrix = calibration.kernel_as_matrix(module)
+    restored, nbytes = quantize_nm_values(matrix, n, m, config.quantize_nm, config.quantize_nm_group)
+    module.kernel[...] = calibration.matrix_to_kernel(module, restored).astype(module.kernel[...].dtype)
+    dense += storage.dense_nbytes(matrix.shape, matrix.dtype)
+    compressed += nbytes
+  quantize_seconds = time.perf_counter() - t0
+  evaluation = train.evaluate(model, eval_batches)
+  sparsities = [float(jnp.mean(calibration.kernel_as_matrix(calibration.get_module(model, p)) == 0))
+                for p in report]
+  return {"perplexity": evaluation["perplexity"], "loss": evaluation["loss"],
+          "delta_perplexity": evaluation["perplexity"] - dense_eval["perplexity"],
+          "sparsity": float(np.mean(sparsities)), "projections": len(report),
+          "bytes": {"dense": dense, "compressed": compressed, "ratio": compressed / dense},
+          "prune_seconds": quantize_seconds,
+          "nm_valid": all(sparse.is_nm_sparse(calibration.kernel_as_matrix(calibration.get_module(model, p)), n, m)
+                          for p in report)}
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -130,6 +173,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"[{name}] ppl {evaluation['perplexity']:.3f} (Δ {rows[name]['delta_perplexity']:+.3f}), sparsity "
             f"{rows[name]['sparsity']:.3f}, {nbytes['compressed'] / 2**20:.1f} MiB vs {nbytes['dense'] / 2**20:.1f}"
             f" MiB dense, pruned in {prune_seconds:.1f} s", flush=True)
+      if "nm" in pattern and config.quantize_nm:
+        quantized_name = f"{name} + {config.quantize_nm}"
+        rows[quantized_name] = _quantized_nm_row(graphdef, nnx.state(model), report, pattern, config,
+                                                 eval_batches, dense_eval)
+        rows[quantized_name].update(method=method, pattern=pattern_name, quantized=config.quantize_nm)
+        print(f"[{quantized_name}] ppl {rows[quantized_name]['perplexity']:.3f}, "
+              f"{rows[quantized_name]['bytes']['ratio']:.4f} of dense bytes", flush=True)
 
   claims = _claims(rows, patterns, methods)
   header = ("variant", "val ppl", "Δ ppl vs dense", "sparsity (pruned matrices)", "compressed MiB",
@@ -184,6 +234,16 @@ def _claims(rows: dict, patterns: dict, methods: list) -> list:
         f"measured {row['bytes']['ratio']:.4f} ({row['bytes']['compressed']:,} of {row['bytes']['dense']:,} bytes); "
         f"every pruned matrix {pattern}-valid: {row['nm_valid']}",
         "reproduced" if abs(row["bytes"]["ratio"] - itemsize_ratio) < 1e-3 and row["nm_valid"] else "not reproduced"))
+  for name, row in rows.items():
+    if row.get("quantized"):
+      base = rows[f"{row['method']} {row['pattern']}"]
+      cost = 100 * (row["perplexity"] / base["perplexity"] - 1)
+      claims.append(common.Claim(
+          f"{name}: sparsity and 4-bit quantization compose (Sparse-MARLIN's 2:4 + int4 format) at a small extra "
+          "perplexity cost over the sparse model",
+          f"ppl {row['perplexity']:.2f} vs {base['perplexity']:.2f} sparse-only ({cost:+.1f}%), "
+          f"{row['bytes']['ratio']:.4f} of dense f32 bytes; still {row['pattern']}-valid: {row['nm_valid']}",
+          ("reproduced" if cost < 5 else "partly (costs more than 5%)") if row["nm_valid"] else "not reproduced"))
   return claims
 
 

@@ -1,6 +1,8 @@
 """experiments.prune end to end on the random-init tiny Llama: every method x pattern row, results files, claims."""
 import json
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from experiments import prune as prune_experiment
@@ -11,11 +13,17 @@ def test_prune_experiment_on_tiny_model(tmp_path):
   config.update(model="tiny", calibration_batches=2, calibration_batch_size=2, seq_len=32, eval_batches=1,
                 eval_batch_size=2, block_size=32)
   results = prune_experiment.run(config, str(tmp_path))
-  assert sorted(results["rows"]) == sorted(f"{m} {p}" for m in ("magnitude", "wanda", "sparsegpt")
-                                           for p in ("50%", "2:4"))
+  methods = ("magnitude", "wanda", "sparsegpt")
+  assert sorted(results["rows"]) == sorted([f"{m} {p}" for m in methods for p in ("50%", "2:4")]
+                                           + [f"{m} 2:4 + int4" for m in methods])
   for name, row in results["rows"].items():
-    assert row["sparsity"] == pytest.approx(0.5, abs=1e-3) and row["projections"] == 14, name
+    # int4 rounds a few small kept values to zero too: the quantized rows are at least as sparse
+    low, high = (0.5, 0.51) if row.get("quantized") else (0.4995, 0.5005)
+    assert low - 1e-3 <= row["sparsity"] <= high and row["projections"] == 14, name
     assert row["nm_valid"] in (None, True)
+  # int4 codes of the kept half (1/4 byte per entry) + bf16 scale per 32 kept + 2-bit positions, vs 4 bytes
+  assert results["rows"]["sparsegpt 2:4 + int4"]["bytes"]["ratio"] == pytest.approx((0.25 + 1 / 32 + 1 / 8) / 4)
+  assert results["rows"]["sparsegpt 2:4 + int4"]["nm_valid"] is True
   two_four = results["rows"]["sparsegpt 2:4"]["bytes"]
   assert two_four["ratio"] == pytest.approx(0.5 + 1 / 32)  # f32 halves + 2 bits per kept value, measured
   unstructured = results["rows"]["wanda 50%"]["bytes"]
@@ -23,6 +31,25 @@ def test_prune_experiment_on_tiny_model(tmp_path):
   markdown = (tmp_path / "results.md").read_text()
   assert "| seed claim | measured | verdict |" in markdown and "SparseGPT <= Wanda < magnitude" in markdown
   assert json.loads((tmp_path / "results.json").read_text())["results"]["dense"]["perplexity"] > 1
+
+
+def test_quantized_nm_storage_keeps_the_pattern_within_half_a_step():
+  rng = np.random.default_rng(0)
+  dense = rng.normal(size=(128, 24)).astype(np.float32)
+  keep = np.argsort(-np.abs(dense.reshape(32, 4, 24)), axis=1)[:, :2]   # the 2 largest of every 4 inputs
+  mask = np.zeros((32, 4, 24), bool)
+  np.put_along_axis(mask, keep, True, axis=1)
+  sparse_dense = np.where(mask.reshape(128, 24), dense, 0)
+  restored, nbytes = prune_experiment.quantize_nm_values(jnp.asarray(sparse_dense), 2, 4, "int4", 32)
+  restored = np.asarray(restored)
+  assert np.array_equal(restored != 0, sparse_dense != 0) or np.all(restored[sparse_dense == 0] == 0)
+  # Symmetric int4 per group of 32 kept values (= 64 inputs): step = absmax / 7 of the group, error <= step / 2.
+  kept = sparse_dense.reshape(32, 4, 24)[mask].reshape(-1)  # not in storage order; only its absmax per group is used
+  groups = [np.abs(np.where(mask.reshape(128, 24), sparse_dense, 0)[64 * g:64 * (g + 1)]).max(axis=0)
+            for g in range(2)]
+  step = np.repeat(np.stack(groups), 64, axis=0) / 7
+  assert np.all(np.abs(restored - sparse_dense) <= step / 2 * 1.01 + 1e-7)
+  assert kept.size == 64 * 24 and nbytes == 64 * 24 // 2 + 2 * 24 * 2 + 64 * 24 // 4
 
 
 def test_bad_pattern_is_refused():
