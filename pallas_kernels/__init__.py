@@ -5,11 +5,12 @@ Note: `pallas_kernels.matmul` below is the *function*; reach an op's other parts
 """
 from pallas_kernels.block_sparse_matmul import block_sparse_matmul
 from pallas_kernels.flash_attention import flash_attention, flash_decode
+from pallas_kernels.grouped_matmul import grouped_matmul, transposed_grouped_matmul
 from pallas_kernels.int8_matmul import int8_matmul
 from pallas_kernels.linear_attention import linear_attention
 from pallas_kernels.matmul import matmul
 from pallas_kernels.quant_matmul import quant_matmul
 from pallas_kernels.rms_norm import rms_norm
 
-__all__ = ["block_sparse_matmul", "flash_attention", "flash_decode", "int8_matmul", "linear_attention", "matmul", "quant_matmul",
-           "rms_norm"]
+__all__ = ["block_sparse_matmul", "flash_attention", "flash_decode", "grouped_matmul", "int8_matmul", "linear_attention",
+           "matmul", "quant_matmul", "rms_norm", "transposed_grouped_matmul"]

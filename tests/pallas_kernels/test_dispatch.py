@@ -8,6 +8,7 @@ import pytest
 from pallas_kernels import _dispatch
 from pallas_kernels.block_sparse_matmul import IMPLEMENTATIONS as BSR, block_sparse_matmul, from_dense
 from pallas_kernels.flash_attention import IMPLEMENTATIONS as FLASH, flash_attention
+from pallas_kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED, grouped_matmul, transposed_grouped_matmul
 from pallas_kernels.int8_matmul import IMPLEMENTATIONS as INT8, int8_matmul
 from pallas_kernels.linear_attention import IMPLEMENTATIONS as LINEAR, linear_attention
 from pallas_kernels.matmul import IMPLEMENTATIONS as MATMUL, matmul
@@ -20,6 +21,10 @@ OPS = {
     "matmul": (lambda **kw: matmul(jnp.ones((8, 16)), jnp.ones((16, 8)), **kw), MATMUL),
     "block_sparse_matmul": (lambda **kw: block_sparse_matmul(jnp.ones((8, 32)), from_dense(np.eye(32), (16, 16)),
                                                              **kw), BSR),
+    "grouped_matmul": (lambda **kw: grouped_matmul(jnp.ones((8, 16)), jnp.ones((2, 16, 8)),
+                                                   jnp.asarray([3, 4], jnp.int32), **kw), GROUPED),
+    "transposed_grouped_matmul": (lambda **kw: transposed_grouped_matmul(
+        jnp.ones((8, 16)), jnp.ones((8, 8)), jnp.asarray([3, 4], jnp.int32), **kw), GROUPED),
     "rms_norm": (lambda **kw: rms_norm(jnp.ones((8, 16)), jnp.ones((16,)), **kw), RMS_NORM),
     "flash_attention": (lambda **kw: flash_attention(_F, _F, _F, **kw), FLASH),
     "linear_attention": (lambda **kw: linear_attention(_F, _F, _F, **kw), LINEAR),
