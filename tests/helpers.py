@@ -33,3 +33,12 @@ def export_lowered(fn, platform: str, *args) -> export.Exported:
   # Exported modules must not contain custom calls whose ABI is not stable; Triton's is declared unstable.
   disabled = [export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")] if platform == "cuda" else []
   return export.export(jax.jit(fn), platforms=[platform], disabled_checks=disabled)(*args)
+
+
+# platform -> (the implementation whose compiled kernel `export_lowered` lowers there, that kernel's custom call)
+LOWERING_TARGETS = {"tpu": ("pallas_tpu", "@tpu_custom_call"), "cuda": ("pallas_gpu", "@__gpu$xla.gpu.triton")}
+
+
+def kernel_calls(exported: export.Exported, marker: str) -> int:
+  """How many kernel calls (custom calls named by `marker`, see LOWERING_TARGETS) an exported module holds."""
+  return exported.mlir_module().count(marker)
