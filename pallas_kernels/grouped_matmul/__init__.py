@@ -202,14 +202,16 @@ def cost(m: int, k: int, n: int, num_groups: int, *, dtype, group_sizes=None, ti
   itemsize = jnp.dtype(dtype).itemsize
   tables = 4 * (offsets.size + 2 * groups.size + 1)
   if transposed:
-    kk, j, v = np.meshgrid(np.arange(k_tiles), np.arange(n_tiles), visits, indexing="ij")
-    moved = (_block_copies(tiles[v], kk) * tm * tk + _block_copies(tiles[v], j) * tm * tn
-             + _block_copies(groups[v], kk, j) * tk * tn)
+    grid = np.meshgrid(np.arange(k_tiles), np.arange(n_tiles), visits, indexing="ij")
+    indices = tpu.tgmm_block_indices(*grid, groups, tiles)
+    tile_elements = (tm * tk, tm * tn, tk * tn)  # lhs, grad, out
     ideal = m * k + m * n + num_groups * k * n
   else:
-    j, v, kk = np.meshgrid(np.arange(n_tiles), visits, np.arange(k_tiles), indexing="ij")
-    moved = (_block_copies(tiles[v], kk) * tm * tk + _block_copies(np.minimum(groups[v], num_groups - 1), kk, j)
-             * tk * tn + _block_copies(tiles[v], j) * tm * tn)
+    grid = np.meshgrid(np.arange(n_tiles), visits, np.arange(k_tiles), indexing="ij")
+    indices = tpu.gmm_block_indices(*grid, groups, tiles, num_visits, num_groups=num_groups, k_tiles=k_tiles)
+    tile_elements = (tm * tk, tk * tn, tm * tn)  # lhs, rhs, out
     ideal = m * k + num_groups * k * n + m * n
+  # Every operand's tile moves once per change of its block index (the output: written once per change).
+  moved = sum(_block_copies(*index) * elements for index, elements in zip(indices, tile_elements))
   flops = 2 * int(computes.sum()) * tm * padded_k * padded_n
   return {"flops": flops, "hbm_bytes": moved * itemsize + tables, "ideal_bytes": ideal * itemsize + 4 * num_groups}

@@ -87,6 +87,19 @@ def visit_schedule(group_sizes, row_tiles: int, block_m: int, *, visit_empty_gro
   return offsets, visit_group, visit_tile, num_visits.reshape(1).astype(jnp.int32)
 
 
+def gmm_block_indices(j, v, kk, groups, tiles, num_visits, *, num_groups: int, k_tiles: int):
+  """Block indices of (lhs, rhs, out) at forward grid step (j, v, kk): the BlockSpec index maps (cost() walks
+  them too). Padding visits hold the last K tile, so their indices equal the last real step's: no copies."""
+  kk = jnp.where(v < num_visits[0], kk, k_tiles - 1)
+  # The "no group" sentinel reuses a real group's weight block (it computes nothing).
+  return (tiles[v], kk), (jnp.minimum(groups[v], num_groups - 1), kk, j), (tiles[v], j)
+
+
+def tgmm_block_indices(kk, j, v, groups, tiles):
+  """Block indices of (lhs, grad, out) at transposed grid step (kk, j, v); padding visits repeat the last."""
+  return (tiles[v], kk), (tiles[v], j), (groups[v], kk, j)
+
+
 def _group_rows(offsets_ref, group, tile, shape):
   """Row range of `group`, whether it touches this row tile, and the in-group row mask of a `shape` tile."""
   start, end = offsets_ref[group], offsets_ref[group + 1]
@@ -126,16 +139,8 @@ def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpre
   padded_m, padded_k, padded_n = _util.round_up(m, tm), _util.round_up(k, tk), _util.round_up(n, tn)
   row_tiles = padded_m // tm
   schedule = visit_schedule(group_sizes, row_tiles, tm, visit_empty_groups=False)
-  last_group = num_groups - 1
-
-  def lhs_map(j, v, kk, offsets, groups, tiles, num_visits):
-    return tiles[v], kk
-
-  def rhs_map(j, v, kk, offsets, groups, tiles, num_visits):
-    return jnp.minimum(groups[v], last_group), kk, j  # the sentinel reuses a real group's block (no compute)
-
-  def out_map(j, v, kk, offsets, groups, tiles, num_visits):
-    return tiles[v], j
+  indices = lambda operand: lambda j, v, kk, offsets, *visits: gmm_block_indices(
+      j, v, kk, *visits, num_groups=num_groups, k_tiles=padded_k // tk)[operand]
 
   out = pl.pallas_call(
       _gmm_kernel,
@@ -143,8 +148,8 @@ def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpre
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(padded_n // tn, num_visit_slots(row_tiles, num_groups), padded_k // tk),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((None, tk, tn), rhs_map)],
-          out_specs=pl.BlockSpec((tm, tn), out_map),
+          in_specs=[pl.BlockSpec((tm, tk), indices(0)), pl.BlockSpec((None, tk, tn), indices(1))],
+          out_specs=pl.BlockSpec((tm, tn), indices(2)),
           scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)]),
       # Visits revisit output blocks (straddled tiles), so only the N axis is independent.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
@@ -188,15 +193,8 @@ def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dty
   padded_m, padded_k, padded_n = _util.round_up(m, tm), _util.round_up(k, tk), _util.round_up(n, tn)
   row_tiles = padded_m // tm
   schedule = visit_schedule(group_sizes, row_tiles, tm, visit_empty_groups=True)
-
-  def lhs_map(kk, j, v, offsets, groups, tiles, num_visits):
-    return tiles[v], kk
-
-  def grad_map(kk, j, v, offsets, groups, tiles, num_visits):
-    return tiles[v], j
-
-  def out_map(kk, j, v, offsets, groups, tiles, num_visits):
-    return groups[v], kk, j
+  indices = lambda operand: lambda kk, j, v, offsets, groups, tiles, num_visits: tgmm_block_indices(
+      kk, j, v, groups, tiles)[operand]
 
   out = pl.pallas_call(
       _tgmm_kernel,
@@ -204,8 +202,8 @@ def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dty
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4,
           grid=(padded_k // tk, padded_n // tn, num_visit_slots(row_tiles, num_groups)),
-          in_specs=[pl.BlockSpec((tm, tk), lhs_map), pl.BlockSpec((tm, tn), grad_map)],
-          out_specs=pl.BlockSpec((None, tk, tn), out_map),
+          in_specs=[pl.BlockSpec((tm, tk), indices(0)), pl.BlockSpec((tm, tn), indices(1))],
+          out_specs=pl.BlockSpec((None, tk, tn), indices(2)),
           scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,

@@ -150,3 +150,7 @@ def test_cost_at_balanced_moe_shape_reads_each_weight_once():
   transposed = cost(2048, 576, 1536, 8, dtype=jnp.bfloat16, transposed=True)
   assert transposed["flops"] == 2 * 2048 * 576 * 1536
   assert transposed["hbm_bytes"] == 3 * lhs + out + weights + tables  # grad once per K tile (1), lhs per N tile
+  # The backward's d lhs = dy [2048, 1536] @ rhs.T [8, 1536, 576]: K = 1536 splits into three 512 tiles, so each
+  # expert's weight is read once per row tile of its group (twice); the 7 padding visits move nothing.
+  dlhs = cost(2048, 1536, 576, 8, dtype=jnp.bfloat16)
+  assert dlhs["hbm_bytes"] == 2 * 2048 * 1536 + 2 * weights + 2 * 2048 * 576 + tables
