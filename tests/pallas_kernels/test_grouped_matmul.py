@@ -11,11 +11,12 @@ from pallas_kernels import _dispatch
 from pallas_kernels.grouped_matmul import IMPLEMENTATIONS, cost, grouped_matmul, transposed_grouped_matmul
 from tests.helpers import TOLERANCE, assert_close
 
-# M = 160 rows, G = 4 experts. The forward kernels use 32-row tiles (5 row tiles); the transposed kernels their
-# defaults (TPU: 128 rows, so M pads to 256 and two row tiles; GPU: 64 rows, three tiles), so every pattern has
-# groups straddling tile boundaries in both kernels. group_sizes are traced: patterns share one compilation.
-M, K, N, G = 160, 32, 128, 4
-FORWARD_TILING = (32, None, None)
+# M = 160 rows, G = 4 experts. The forward kernels use 32-row tiles (5 row tiles) and split K and N in two; the
+# transposed kernel (called directly) splits K and N too and uses its default rows (TPU: 128, so M pads to 256 and
+# two row tiles; GPU: 64 rows, three tiles); the backward uses every default. So every pattern has groups
+# straddling tile boundaries in both kernels. group_sizes are traced: patterns share one compilation.
+M, K, N, G = 160, 256, 256, 4
+FORWARD_TILING, TRANSPOSED_TILING = (32, 128, 128), (None, 128, 128)
 GROUP_SIZES = {
     # An empty group between two straddling ones; rows 150.. belong to no group (zeros, no weight gradient).
     "empty_middle_and_short": [40, 0, 90, 20],
@@ -44,13 +45,15 @@ def _expected(lhs, rhs, dy, sizes):
 @functools.cache
 def _forward_grads_and_transposed(implementation):
   """One jitted function per implementation (and dtype, by retracing), shared by every group-size pattern."""
-  tiling = FORWARD_TILING if implementation in ("interpret_tpu", "interpret_gpu") else None
+  kernel = implementation in ("interpret_tpu", "interpret_gpu")
 
   @jax.jit
   def run(lhs, rhs, group_sizes, dy):
-    op = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=implementation, tiling=tiling)
+    op = functools.partial(grouped_matmul, group_sizes=group_sizes, implementation=implementation,
+                           tiling=FORWARD_TILING if kernel else None)
     out, vjp = jax.vjp(op, lhs, rhs)
-    transposed = transposed_grouped_matmul(lhs, dy, group_sizes, implementation=implementation)
+    transposed = transposed_grouped_matmul(lhs, dy, group_sizes, implementation=implementation,
+                                           tiling=TRANSPOSED_TILING if kernel else None)
     return out, vjp(dy), transposed
 
   return run
