@@ -310,8 +310,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 def _write(workdir, config, results):
   header = ("tensor", "kurtosis", "max/σ", "max/σ_bulk") + tuple(f"{s} dB" for s in SCHEMES)
   tables = {"Synthetic tensors (SQNR, dB)": (header, [
-      (name, f"{r['kurtosis']:.1f}", f"{r['max_over_sigma']:.0f}", f"{r['max_over_bulk_sigma']:.0f}") + tuple(f"{v:.1f}" for v in r["sqnr_db"].values())
-      for name, r in results["synthetic"].items()])}
+      (name, f"{r['kurtosis']:.1f}", f"{r['max_over_sigma']:.0f}", f"{r['max_over_bulk_sigma']:.0f}")
+      + tuple(f"{v:.1f}" for v in r["sqnr_db"].values()) for name, r in results["synthetic"].items()])}
   for label, s in results["summary"].items():
     tables[f"SmolLM2 {label}: aggregate over {s['kurtosis']['count']} tensors"] = (
         ("scheme", "mean SQNR dB", "worst SQNR dB", "worst tensor", "beats int8 per-tensor on"),
@@ -326,6 +326,15 @@ def _write(workdir, config, results):
             "block of 32), dequantized to f32. Per-tensor and per-channel results per tensor are in results.json.")
 
 
+def _families(rows) -> list[list[str]]:
+  """Synthetic tensor names grouped into families that each start at the Gaussian, in kurtosis order."""
+  groups: dict[str, list[str]] = {}
+  for name in rows:
+    if name != "gaussian":
+      groups.setdefault("student-t" if name.startswith("student-t") else name.split(" outliers")[0], []).append(name)
+  return [["gaussian"] + sorted(names, key=lambda k: rows[k]["kurtosis"]) for names in groups.values()]
+
+
 def _plot(workdir, results):
   import matplotlib
   matplotlib.use("Agg")
@@ -336,18 +345,23 @@ def _plot(workdir, results):
   for ax, (title, rows) in zip(axes[0], panels):
     ordered = sorted(rows, key=lambda k: rows[k]["kurtosis"])
     kurtosis = [rows[k]["kurtosis"] for k in ordered]
-    for scheme in SCHEMES:
-      values = [rows[k]["sqnr_db"][scheme] for k in ordered]
-      if title == "synthetic":
-        ax.plot(kurtosis, values, marker="o", label=scheme)
-      else:
-        ax.scatter(kurtosis, values, s=10, alpha=0.6, label=scheme)
+    for color, scheme in enumerate(SCHEMES):
+      if title != "synthetic":
+        ax.scatter(kurtosis, [rows[k]["sqnr_db"][scheme] for k in ordered], s=10, alpha=0.6, label=scheme,
+                   color=f"C{color}")
+        continue
+      # One line per family (Gaussian -> Student-t, Gaussian -> each outlier fraction), so lines never jump
+      # between families; the families differ by line style.
+      for style, family in zip(("-", "--", ":", "-."), _families(rows)):
+        ax.plot([rows[k]["kurtosis"] for k in family], [rows[k]["sqnr_db"][scheme] for k in family],
+                style, marker="o", ms=3, color=f"C{color}", label=scheme if style == "-" else None)
     ax.set_xscale("log")
     ax.set_xlabel("kurtosis (log; Gaussian = 3)")
     ax.set_ylabel("SQNR (dB)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-  axes[0][0].legend(fontsize=7)
+  axes[0][0].legend(fontsize=7, title_fontsize=7,
+                    title="solid: Student-t; dashed, dotted: planted outliers\n(outlier_fractions in order)")
   fig.tight_layout()
   path = f"{workdir}/quant_formats.png"
   fig.savefig(path, dpi=110)

@@ -39,6 +39,7 @@ def test_tensor_stats_of_a_known_tensor():
   stats = quant_formats.tensor_stats(x)
   assert stats["kurtosis"] == pytest.approx(6.8 / 4.0)
   assert stats["max_over_sigma"] == pytest.approx(2.0 / np.sqrt(2.0))
+  assert stats["max_over_bulk_sigma"] == pytest.approx(2.0 / 1.4826)  # median |x| = 1
 
 
 def test_projection_inputs_are_each_layers_distinct_inputs():
