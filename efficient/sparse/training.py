@@ -13,14 +13,21 @@ Each step:
 So weight decay, momentum or Adam moments can never move a pruned weight. For RigL the model's forward must be
 the plain weights (an `Einsum`, zeros where pruned), not `SparseEinsum`'s kernel * mask, whose zero gradient at
 inactive entries would leave nothing to grow by.
+
+`sparse_update(inner, trainable)` is the other kind of sparsity (On-Device Training Under 256KB, PockEngine): train
+only chosen parameters, or chosen channels of them, and keep the rest frozen. The inner optimizer's state holds
+moments only for what trains: trainable channels are gathered into a smaller array, updated there and scattered
+back (optax.masked / multi_transform would still allocate full-size moments for a partly trained matrix).
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from flax import nnx
 
 _is_none = lambda x: x is None
 
@@ -113,9 +120,10 @@ def sparse_updates(inner: optax.GradientTransformation, masks, *, rigl_every: in
     if rigl_every is not None:
       due = (state.step > 0) & (state.step % rigl_every == 0)
       fraction = schedule(state.step)
-      current = jax.tree.map(
-          lambda m, p, g: None if m is None else jnp.where(due, rigl_mask(p, g, m, fraction), m),
-          current, params, grads, is_leaf=_is_none)
+      regrown = lambda: jax.tree.map(lambda m, p, g: None if m is None else rigl_mask(p, g, m, fraction),
+                                     current, params, grads, is_leaf=_is_none)
+      # cond, not where: the drop/grow sorts run only on due steps (a where computes them every step).
+      current = jax.lax.cond(due, regrown, lambda: current)
     masked_grads = jax.tree.map(lambda m, g: g if m is None else g * m, current, grads, is_leaf=_is_none)
     updates, inner_state = inner.update(masked_grads, state.inner, params)
     updates = jax.tree.map(lambda m, u, p: u if m is None else jnp.where(m > 0, u, -p).astype(u.dtype),
@@ -128,3 +136,102 @@ def sparse_updates(inner: optax.GradientTransformation, masks, *, rigl_every: in
 def _check_shape(mask, param):
   if tuple(mask.shape) != tuple(param.shape):
     raise ValueError(f"masks: a mask of shape {tuple(mask.shape)} sits on a parameter of shape {tuple(param.shape)}.")
+
+
+# --- sparse update: train a subset, optimizer state only for it --------------------------------------------------
+
+class Channels(NamedTuple):
+  """The channels of a parameter that train: `indices` along `axis` (default: the last, a kernel's outputs)."""
+  indices: Sequence[int]
+  axis: int = -1
+
+
+class SparseUpdateState(NamedTuple):
+  inner: Any  # the inner optimizer's state over {path: trainable slice}, nothing else
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def _value(leaf):
+  return leaf[...] if _is_variable(leaf) else leaf
+
+
+def _with_value(leaf, value):
+  """`value` in `leaf`'s wrapper (an nnx Variable keeps its logical axis names, so sliced moments shard too)."""
+  return leaf.replace(value) if _is_variable(leaf) else value
+
+
+def _trainable_slices(params, trainable: Mapping[str, Any]) -> dict[str, tuple[int, tuple | None]]:
+  """{key of `trainable`: (index of its leaf in the flattened params, (axis, int32 indices) or None = whole)}."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+  names = {_path_string(path): i for i, (path, _) in enumerate(flat)}
+  found = {}
+  for key, channels in trainable.items():
+    position = names.get(key, names.get(f"{key}/kernel"))
+    if position is None:
+      raise ValueError(f"trainable: no parameter at {key!r} (give a module path like 'blocks/0/mlp/up', meaning "
+                       f"its kernel, or a parameter path like 'blocks/0/mlp_norm/scale').")
+    if channels is None:
+      found[key] = (position, None)
+      continue
+    if not isinstance(channels, Channels):
+      channels = Channels(channels)
+    shape = np.shape(_value(flat[position][1]))
+    axis = channels.axis
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -len(shape) <= axis < len(shape):
+      raise ValueError(f"trainable[{key!r}]: axis={axis!r} is not an axis of a parameter of shape {shape}.")
+    axis = int(axis) % len(shape)
+    indices = np.asarray(channels.indices)
+    if (indices.ndim != 1 or indices.size == 0 or not np.issubdtype(indices.dtype, np.integer)
+        or indices.min() < 0 or indices.max() >= shape[axis] or len(np.unique(indices)) != indices.size):
+      raise ValueError(f"trainable[{key!r}]: channel indices must be distinct ints in [0, {shape[axis]}) "
+                       f"(axis {axis} of shape {shape}); got {channels.indices!r}.")
+    found[key] = (position, (axis, indices.astype(np.int32)))
+  return found
+
+
+def _gather(leaf, channels):
+  return leaf if channels is None else jnp.take(leaf, channels[1], axis=channels[0])
+
+
+def _scatter(full_like, part, channels):
+  """`part` written into zeros shaped like `full_like` (whole, or at the channels)."""
+  if channels is None:
+    return part.astype(full_like.dtype)
+  axis, indices = channels
+  where = (slice(None),) * axis + (indices,)
+  return jnp.zeros_like(full_like).at[where].set(part.astype(full_like.dtype))
+
+
+def trainable_subset(params, trainable: Mapping[str, Any]) -> dict:
+  """{key: the trainable slice of its parameter} (nnx Variables keep their metadata): what the inner optimizer
+  sees, and what training the subset alone would optimize."""
+  flat = jax.tree.leaves(params, is_leaf=_is_variable)
+  return {key: _with_value(flat[i], _gather(_value(flat[i]), channels))
+          for key, (i, channels) in _trainable_slices(params, trainable).items()}
+
+
+def sparse_update(inner: optax.GradientTransformation, trainable: Mapping[str, Any]) -> optax.GradientTransformation:
+  """Trains only `trainable` ({path: None for the whole parameter, or channel indices / `Channels(indices, axis)`});
+  every other parameter gets a zero update. The state is `inner`'s over the trainable slices only."""
+  if not trainable:
+    raise ValueError("trainable is empty: name at least one parameter (path -> None or channel indices).")
+
+  def init(params):
+    return SparseUpdateState(inner.init(trainable_subset(params, trainable)))
+
+  def update(grads, state, params=None):
+    slices = _trainable_slices(grads, trainable)
+    flat, treedef = jax.tree.flatten(grads, is_leaf=_is_variable)
+    sub_grads = {key: _with_value(flat[i], _gather(_value(flat[i]), channels)) for key, (i, channels) in slices.items()}
+    sub_params = None if params is None else trainable_subset(params, trainable)
+    sub_updates, inner_state = inner.update(sub_grads, state.inner, sub_params)
+    updates = [_with_value(leaf, jnp.zeros_like(_value(leaf))) for leaf in flat]
+    for key, (i, channels) in slices.items():
+      updates[i] = _with_value(flat[i], _scatter(_value(flat[i]), _value(sub_updates[key]), channels))
+    return jax.tree.unflatten(treedef, updates), SparseUpdateState(inner_state)
+
+  return optax.GradientTransformation(init, update)
+
