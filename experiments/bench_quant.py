@@ -343,11 +343,7 @@ def _plot(workdir, results):
   axes[1].set_xticks(np.arange(len(shapes)) + 1.5 * width, shapes)
   axes[1].set_ylabel("speed vs f32 (CPU, higher is faster)")
   axes[1].legend()
-  fig.tight_layout()
-  path = f"{workdir}/bench_quant.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return common.save_figure(fig, workdir, "bench_quant.png", dpi=110)
 
 
 if __name__ == "__main__":

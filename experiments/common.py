@@ -111,6 +111,16 @@ def _json_default(value):
   return str(value)
 
 
+def save_figure(fig, workdir: str, filename: str, *, dpi: int = 120) -> str:
+  """Lays out `fig`, writes it to workdir/filename, closes it and returns the path."""
+  import matplotlib.pyplot as plt
+  fig.tight_layout()
+  path = os.path.join(workdir, filename)
+  fig.savefig(path, dpi=dpi)
+  plt.close(fig)
+  return path
+
+
 def run_program(run: Callable[[Any, str], Any], default_config, default_workdir: str) -> None:
   """The entrypoint of `python -m experiments.<name>`: defines --workdir and --config, then calls
   `run(config, workdir)` under absl. Flags are defined only here, when an experiment runs as a program, so tests

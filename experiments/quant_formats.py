@@ -362,11 +362,7 @@ def _plot(workdir, results):
     ax.grid(alpha=0.3)
   axes[0][0].legend(fontsize=7, title_fontsize=7,
                     title="solid: Student-t; dashed, dotted: planted outliers\n(outlier_fractions in order)")
-  fig.tight_layout()
-  path = f"{workdir}/quant_formats.png"
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-  return path
+  return common.save_figure(fig, workdir, "quant_formats.png", dpi=110)
 
 
 if __name__ == "__main__":
