@@ -29,6 +29,8 @@ PRESETS: dict[str, Rules] = {
     "tp": (_BATCH, ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"), ("vocab", "tensor")),
     "fsdp_tp": (_BATCH, ("embed", "fsdp"), ("heads", "tensor"), ("kv_heads", "tensor"), ("mlp", "tensor"),
                 ("vocab", "tensor")),
+    # Expert parallelism (efficient.sparse.moe): MoE experts split over `expert`, the batch over data axes.
+    "ep": (_BATCH, ("expert", "expert")),
 }
 
 
