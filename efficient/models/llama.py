@@ -204,6 +204,12 @@ class Attention(nnx.Module):
     q, k, v = self.q(x), self.k(x), self.v(x)
     q, k = rope(q, positions, self.config.rope_theta), rope(k, positions, self.config.rope_theta)
     kv_positions, kv_segment_ids = positions, segment_ids
+    if cache is not None and "k_codes" in cache:  # a quantized KV cache (init_cache's kv_format)
+      from efficient.quant import kv_cache
+      out, cache = kv_cache.update_and_attend(cache, q, k, v, index=cache_index, q_positions=positions,
+                                              kv_positions=cache_positions, q_segment_ids=segment_ids,
+                                              kv_segment_ids=cache_segment_ids)
+      return self.o(out), cache
     if cache is not None:
       k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
       v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
@@ -293,25 +299,41 @@ class Llama(nnx.Module):
     return logits, new_cache
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, with_segment_ids=False) -> dict:
+def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, with_segment_ids=False,
+               kv_format: str | None = None, kv_group_size: int | None = None) -> dict:
   """An empty KV cache pytree for `max_len` positions (k/v in `dtype`, default the compute dtype).
 
   Softmax layers hold k/v; other mixers hold what `efficient.attention.mixers.init_mixer_cache` gives them
-  (recurrent states, window ring buffers, conv tails)."""
+  (recurrent states, window ring buffers, conv tails). `kv_format='int8'|'int4'` stores softmax layers' k/v
+  quantized (`efficient.quant.kv_cache`: per-channel K over groups of `kv_group_size` slots, per-token V)."""
   if max_len > config.max_seq_len:
     raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}.")
   dtype = dtype or config.compute_dtype
   shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  softmax_cache = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
+  if kv_format is not None or kv_group_size is not None:
+    softmax_cache = _quantized_cache_factory(config, batch, max_len, dtype, kv_format, kv_group_size)
   cache = {
       "index": jnp.zeros((), jnp.int32),
       "positions": jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
-      "layers": [{"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)} if kind == "softmax" else
+      "layers": [softmax_cache() if kind == "softmax" else
                  _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids)
                  for kind in config.layer_kinds()],
   }
   if with_segment_ids:
     cache["segment_ids"] = jnp.zeros((batch, max_len), jnp.int32)
   return cache
+
+
+def _quantized_cache_factory(config, batch, max_len, dtype, kv_format, kv_group_size):
+  from efficient.quant import kv_cache
+  if set(config.layer_kinds()) != {"softmax"}:
+    raise ValueError(f"kv_format={kv_format!r} quantizes softmax layers' k/v only; this model has "
+                     f"{sorted(set(config.layer_kinds()))} layers.")
+  group_size = kv_cache.DEFAULT_GROUP_SIZE if kv_group_size is None else kv_group_size
+  kv_cache.check_format(kv_format, config.head_dim, group_size)
+  return lambda: kv_cache.init_layer_cache(batch, max_len, config.num_kv_heads, config.head_dim,
+                                           kv_format=kv_format, group_size=group_size, dtype=dtype)
 
 
 def _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids):
@@ -330,11 +352,14 @@ def sample_token(logits, rng, *, temperature: float, top_k: int | None):
   return jax.random.categorical(rng, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_id"))
-def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k, eos_id):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_id",
+                                             "kv_format", "kv_group_size"))
+def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k, eos_id, kv_format=None,
+              kv_group_size=None):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt.shape
-  cache = init_cache(model.config, batch, prompt_len + max_new_tokens)
+  cache = init_cache(model.config, batch, prompt_len + max_new_tokens, kv_format=kv_format,
+                     kv_group_size=kv_group_size)
   logits, cache = model(prompt, cache=cache)
   rngs = jax.random.split(rng, max_new_tokens)
   first = sample_token(logits[:, -1], rngs[0], temperature=temperature, top_k=top_k)
@@ -354,10 +379,12 @@ def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_
 
 
 def generate(model: Llama, prompt, max_new_tokens: int, *, temperature: float = 0.0, top_k: int | None = None,
-             rng: jax.Array | None = None, eos_id: int | None = None) -> jax.Array:
+             rng: jax.Array | None = None, eos_id: int | None = None, kv_format: str | None = None,
+             kv_group_size: int | None = None) -> jax.Array:
   """Returns [B, max_new_tokens] continuation tokens of equal-length prompts [B, T] (KV-cache decoding).
 
-  After `eos_id` a row keeps emitting `eos_id`. Sampling needs `rng` when temperature > 0.
+  After `eos_id` a row keeps emitting `eos_id`. Sampling needs `rng` when temperature > 0. `kv_format` /
+  `kv_group_size`: a quantized KV cache (see `init_cache`).
   """
   prompt = jnp.asarray(prompt, jnp.int32)
   if prompt.ndim != 2 or prompt.shape[1] < 1:
@@ -373,4 +400,4 @@ def generate(model: Llama, prompt, max_new_tokens: int, *, temperature: float = 
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, rng, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                   top_k=top_k, eos_id=eos_id)
+                   top_k=top_k, eos_id=eos_id, kv_format=kv_format, kv_group_size=kv_group_size)
