@@ -11,10 +11,23 @@ max_len slots) keys are not index-aligned with queries: keep `llama.softmax_atte
 One difference on padding: packed rows mark padding as segment 0 with every position 0; the positional mask lets
 padding tokens see each other in both directions, the index-causal one only backwards. Padding outputs differ,
 real tokens do not (and losses are masked on padding).
+
+Under a mesh (`jax.set_mesh`), the kernel runs inside `jax.shard_map`: a Pallas call is an opaque custom call
+that GSPMD cannot partition (it would gather q/k/v onto every device), while attention is independent per
+(batch row, head). So each device gets its batch rows (split over the data-like axes) and heads (split over
+`tensor`) and runs the kernel locally; a dimension a mesh axis does not divide stays whole. Query and kv heads
+are split by the same factor, so query head h still reads kv head h // (H // H_kv) within each shard.
 """
 from __future__ import annotations
 
+import jax
+from jax.sharding import PartitionSpec
+
+from efficient import sharding
 from pallas_kernels.flash_attention import flash_attention
+
+# Activation layout inside attention: [batch, length, heads, head_dim]; k/v heads must split like q heads.
+_ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"))
 
 
 def flash_attention_fn(implementation: str | None = None, **block_kwargs):
@@ -34,8 +47,26 @@ def flash_attention_fn(implementation: str | None = None, **block_kwargs):
       raise ValueError(f"flash_attention_fn: queries ({q.shape[1]}) and keys ({k.shape[1]}) must be the same "
                        f"tokens (training / prefill without a cache); decode with llama.softmax_attention or "
                        f"flash_decode.")
-    segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
-    return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, implementation=implementation,
+    segments = () if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+      return _local_attention(q, k, v, *segments)
+    qkv_spec = activation_spec(mesh, q.shape, k.shape)
+    segment_spec = PartitionSpec(qkv_spec[0], None)
+    return jax.shard_map(_local_attention, mesh=mesh, in_specs=(qkv_spec,) * 3 + (segment_spec,) * len(segments),
+                         out_specs=qkv_spec, check_vma=False)(q, k, v, *segments)
+
+  def _local_attention(q, k, v, *segments):
+    return flash_attention(q, k, v, causal=True, segment_ids=segments or None, implementation=implementation,
                            **block_kwargs)
 
   return attention
+
+
+def activation_spec(mesh, q_shape, kv_shape) -> PartitionSpec:
+  """PartitionSpec of q/k/v [B, T, H, D] on `mesh`: batch over the data-like axes, heads over `tensor` when
+  the axis divides both the query and the kv head counts (else heads stay whole), length and head_dim whole."""
+  spec = sharding.logical_to_spec(("batch", "length", "heads", None), _ACTIVATION_RULES, shape=q_shape, mesh=mesh)
+  kv_spec = sharding.logical_to_spec(("batch", "length", "heads", None), _ACTIVATION_RULES, shape=kv_shape,
+                                     mesh=mesh)
+  return spec if spec[2] == kv_spec[2] else PartitionSpec(spec[0], None, None, None)
