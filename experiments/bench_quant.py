@@ -7,9 +7,10 @@ decode shapes.
 (a) bytes/param: `efficient.quant.nbytes(q) / q.size` of the QArray each format stores for a random [K, N]
     weight (codes + scales + zero points + second-level scales). A group size that does not divide K is reported
     as not applicable (SmolLM2's K = 576 does not divide by 128: g128 is measured at K = 1536, the `down` input).
-(b) CPU time of x [M, K] @ W [K, N]: f32 `jnp.matmul`; ours: `pallas_kernels.int8_matmul.dynamic_int8_matmul`
-    (per-token int8 activations quantized inside the timed call, per-channel int8 weights quantized beforehand,
-    int32 accumulation -- the default implementation on CPU); qwix: `qwix.quantize_model` of an `nnx.Linear` with
+(b) CPU time of x [M, K] @ W [K, N]: f32 `jnp.matmul`; ours: `pallas_kernels.int8_matmul.dynamic_int8_matmul`,
+    what `efficient.quant.QuantizedEinsum(mode='w8a8')` calls (per-token int8 activations quantized inside the
+    timed call, per-channel int8 weights quantized beforehand, int32 accumulation -- the default implementation
+    on CPU, 'reference'); the same int8 GEMM on activations quantized beforehand; qwix: `qwix.quantize_model` of an `nnx.Linear` with
     a `PtqProvider` rule weight_qtype = act_qtype = int8 (weights quantized beforehand, activations per token
     inside the call). Alternating runs, medians (`common.time_side_by_side`); each compiled HLO's dot is recorded.
 (c) `quant_matmul.cost` (the TPU kernel's modeled HBM traffic) at decode shapes against its ideal bytes (packed
@@ -106,7 +107,7 @@ def storage(seed: int = 0) -> dict:
 # --- (b) CPU time ----------------------------------------------------------------------------------------------
 
 def _qwix_linear(w, x):
-  """qwix's W8A8 `nnx.Linear` with kernel `w`, as a jitted function of x (or the reason it cannot run)."""
+  """qwix's W8A8 `nnx.Linear` with kernel `w`: (jitted forward(state, x), state)."""
   import qwix
   from flax import nnx
   linear = nnx.Linear(w.shape[0], w.shape[1], use_bias=False, rngs=nnx.Rngs(0))
@@ -123,9 +124,12 @@ def dot_instructions(compiled_text: str) -> list[str]:
   lines = []
   for line in compiled_text.splitlines():
     if " dot(" in line or "__ynn_fusion" in line or "onednn" in line.lower() or "custom-call(" in line:
-      line = re.sub(r",? (metadata|backend_config|frontend_attributes)=\{.*?\}(?=,|$)", "", line.strip())
-      lines.append(line[:200])
+      lines.append(_without_attributes(line)[:200])
   return lines
+
+
+def _without_attributes(line: str) -> str:
+  return re.sub(r",? (metadata|backend_config|frontend_attributes)=\{.*?\}(?=,|$)", "", line.strip())
 
 
 def cpu_features() -> list[str]:
@@ -188,8 +192,7 @@ def _shape_only(compiled) -> list[str]:
   kernels (kind, shapes, dtypes) -- the elementwise ops inside a fusion (e.g. rounding constants) may differ."""
   lines = []
   for line in compiled.as_text().splitlines():
-    line = re.sub(r",? (metadata|backend_config|frontend_attributes)=\{.*?\}(?=,|$)", "", line.strip())
-    line = re.sub(r"%[\w.\-]+", "%_", line)
+    line = re.sub(r"%[\w.\-]+", "%_", _without_attributes(line))
     if line.startswith(("%_ =", "ROOT %_ =")) and (" fusion(" in line or " dot(" in line):
       lines.append(line)
   return sorted(lines)
