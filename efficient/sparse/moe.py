@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import math
 from typing import Callable, Iterable, Sequence
 
@@ -40,14 +41,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from efficient.models import llama
+from pallas_kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMUL_IMPLEMENTATIONS
+from pallas_kernels.grouped_matmul import grouped_matmul as grouped_matmul_op
 
 
 @dataclasses.dataclass(frozen=True)
 class MoEConfig:
   """num_experts E, top_k k (gates renormalized over the chosen k), capacity_factor (capacity =
   ceil(cf * tokens * k / E)), drop_overflow (drop pairs beyond capacity, else dropless), the aux-loss weights,
-  expert_dim (hidden width of each expert; None: the Llama config's mlp_dim) and the grouped-matmul
-  implementation (None: by backend)."""
+  expert_dim (hidden width of each expert; None: the Llama config's mlp_dim) and the
+  `pallas_kernels.grouped_matmul` implementation (None: by backend)."""
   num_experts: int = 8
   top_k: int = 2
   capacity_factor: float = 1.25
@@ -69,6 +72,9 @@ class MoEConfig:
         raise ValueError(f"MoEConfig.{name} must be >= 0, got {getattr(self, name)!r}.")
     if self.expert_dim is not None and (not isinstance(self.expert_dim, int) or self.expert_dim < 1):
       raise ValueError(f"MoEConfig.expert_dim must be an int >= 1 or None, got {self.expert_dim!r}.")
+    if self.implementation is not None and self.implementation not in GROUPED_MATMUL_IMPLEMENTATIONS:
+      raise ValueError(f"MoEConfig.implementation={self.implementation!r} must be None or one of "
+                       f"{GROUPED_MATMUL_IMPLEMENTATIONS}.")
 
   def capacity(self, num_tokens: int) -> int:
     """Pair slots per expert for a call over `num_tokens` tokens."""
@@ -80,15 +86,9 @@ class MoEConfig:
 
 # --- the math, without Flax -----------------------------------------------------------------------------------
 
-def _ragged_dot(lhs, rhs, group_sizes, *, implementation=None):
-  """Stand-in for `pallas_kernels.grouped_matmul.grouped_matmul` (same contract) until that op lands."""
-  if implementation is not None:
-    raise ValueError(f"implementation={implementation!r}: only the jax.lax.ragged_dot path exists here.")
-  return jax.lax.ragged_dot(lhs, rhs, group_sizes, preferred_element_type=jnp.float32)
-
-
-def _grouped_matmul_fn() -> Callable:
-  return _ragged_dot
+def _grouped_matmul_fn(implementation: str | None = None) -> Callable:
+  """The expert product: [M, K] rows sorted by expert x [E, K, N] -> [M, N] f32 (rows past the groups: 0)."""
+  return functools.partial(grouped_matmul_op, implementation=implementation, out_dtype=jnp.float32)
 
 
 def route(x, router_kernel, *, top_k: int):
@@ -197,11 +197,10 @@ class MoEMLP(nnx.Module):
   def __call__(self, x):
     batch, length, dim = x.shape
     x2 = x.astype(self.compute_dtype).reshape(batch * length, dim)
-    grouped = _grouped_matmul_fn()
-    fn = lambda lhs, rhs, sizes: grouped(lhs, rhs, sizes, implementation=self.moe.implementation)
     y, stats = moe_forward(x2, self.router[...], self.gate[...], self.up[...], self.down[...],
                            top_k=self.moe.top_k, capacity=self.moe.capacity(batch * length),
-                           drop_overflow=self.moe.drop_overflow, grouped_matmul=fn)
+                           drop_overflow=self.moe.drop_overflow,
+                           grouped_matmul=_grouped_matmul_fn(self.moe.implementation))
     record = _ROUTING_RECORD.get()
     if record is not None:
       record.append({"name": self.name, "moe": self.moe, **stats})
