@@ -5,7 +5,11 @@
 - `BlockSparseEinsum` (inference): the kernel's [in, out] matrix view stored block-sparse (block values as a
   Param, block tables as `BlockTable` variables); the forward flattens the input, runs
   `pallas_kernels.block_sparse_matmul` (visiting only stored blocks) and restores the einsum's output layout.
-  Block values and tables are replicated under a mesh (the stored-block axis has no logical name).
+  Block values [nnz, bk, bn] carry logical names (None, in, out): bk indexes rows of the matrix view, i.e. the
+  kernel's contracted axis, bn its output axis, so each block splits like the dense kernel would (fine for the
+  XLA path; a Pallas kernel gets whole blocks gathered by the partitioner). The stored-block axis and a matrix
+  side flattened from several kernel axes (attention/o's heads x head_dim) stay unnamed (replicated), as do the
+  integer block tables.
 - `apply_masks(model, masks)` / `to_block_sparse(model, pattern, block_shape)` swap modules by path.
 """
 from __future__ import annotations
@@ -63,13 +67,15 @@ class BlockSparseEinsum(nnx.Module):
   """An Einsum whose [in, out] matrix view is stored block-sparse and multiplied by the block-sparse kernel."""
 
   def __init__(self, equation: str, kernel_shape, matrix: BlockSparseMatrix, compute_dtype, *,
-               implementation=None):
+               implementation=None, value_names=(None, None, None)):
     self.equation = equation
     self.kernel_shape = tuple(kernel_shape)
     self.compute_dtype = compute_dtype
     self.implementation = implementation
     self.shape, self.block_shape = matrix.shape, matrix.block_shape
-    self.values = nnx.Param(matrix.values)
+    if len(tuple(value_names)) != 3:
+      raise ValueError(f"value_names={value_names!r} must name the 3 axes of the values [nnz, bk, bn].")
+    self.values = nnx.Param(matrix.values, out_sharding=tuple(value_names), eager_sharding=False)
     for name in _TABLES:
       setattr(self, name, BlockTable(getattr(matrix, name)))
 
@@ -79,7 +85,7 @@ class BlockSparseEinsum(nnx.Module):
     matrix = np.asarray(calibration.kernel_as_matrix(module))
     stored = storage.compress_blocks(matrix, block_shape, block_mask=block_mask)
     return cls(module.equation, calibration.kernel_shape(module), stored, module.compute_dtype,
-               implementation=implementation)
+               implementation=implementation, value_names=block_value_names(module))
 
   def matrix(self) -> BlockSparseMatrix:
     return BlockSparseMatrix(values=self.values[...], shape=self.shape, block_shape=self.block_shape,
@@ -93,6 +99,17 @@ class BlockSparseEinsum(nnx.Module):
 
   def nbytes(self) -> int:
     return self.matrix().nbytes()
+
+
+def block_value_names(module) -> tuple:
+  """(None, in, out): the logical names of a block-sparse copy's values [nnz, bk, bn], taken from the kernel's
+  names when one kernel axis is contracted (rows) / kept (columns); None where several axes are flattened."""
+  names = _names(module.kernel)
+  if names is None:
+    return (None, None, None)
+  spec = calibration.parse_equation(module.equation)
+  side = lambda axes: names[spec["rhs"].index(axes[0])] if len(axes) == 1 else None
+  return (None, side(spec["contract"]), side(spec["outputs"]))
 
 
 def apply_masks(model, masks: Mapping[str, object]) -> dict[str, SparseEinsum]:

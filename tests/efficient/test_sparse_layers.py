@@ -164,3 +164,31 @@ def test_masked_model_sharded_fsdp_tp_equals_single_device():
     logits = jax.jit(lambda m, t: m(t))(model, jax.device_put(tokens, sharding.batch_sharding(mesh, "fsdp_tp")))
   assert len(logits.sharding.device_set) == 8
   np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, rtol=1e-5)
+
+
+def test_block_sparse_model_sharded_fsdp_tp_equals_single_device():
+  from efficient import sharding
+  tokens = jax.random.randint(jax.random.key(2), (8, 16), 0, llama.TINY.vocab_size, dtype=jnp.int32)
+
+  def build():  # MLPs at 50% block sparsity, stored block-sparse; attention/o has a flattened (heads, head_dim) side
+    model = _model()
+    layers.apply_masks(model, {path: calibration.matrix_to_kernel(m, sparse.block_mask(
+        jnp.abs(calibration.kernel_as_matrix(m)), (16, 16), 0.5)) for path, m in
+        calibration.einsum_modules(model, r"mlp/|attention/o$").items()})
+    layers.to_block_sparse(model, r"mlp/|attention/o$", (16, 16), implementation="xla")
+    return model
+
+  expected = np.asarray(jax.jit(lambda m, t: m(t))(build(), tokens))
+  model = build()
+  gate, down, out = model.blocks[0].mlp.gate, model.blocks[0].mlp.down, model.blocks[0].attention.o
+  assert gate.values.get_metadata()["out_sharding"] == (None, "embed", "mlp")
+  assert down.values.get_metadata()["out_sharding"] == (None, "mlp", "embed")
+  assert out.values.get_metadata()["out_sharding"] == (None, None, "embed")  # rows flatten heads x head_dim
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  assert sharding.shard_model(model, mesh, "fsdp_tp") == []
+  values = gate.values[...]
+  assert values.sharding.shard_shape(values.shape) == (values.shape[0], 8, 8)  # embed on fsdp, mlp on tensor
+  with jax.set_mesh(mesh):
+    logits = jax.jit(lambda m, t: m(t))(model, jax.device_put(tokens, sharding.batch_sharding(mesh, "fsdp_tp")))
+  assert len(logits.sharding.device_set) == 8
+  np.testing.assert_allclose(np.asarray(logits), expected, atol=2e-5, rtol=1e-5)
