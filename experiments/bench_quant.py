@@ -371,7 +371,7 @@ def _plot(workdir, results):
   axes[1].axhline(1.3, ls="--", lw=0.8, color="gray")
   axes[1].set_xticks(np.arange(len(shapes)) + 1.5 * width, shapes)
   axes[1].set_ylabel("speed vs f32 (CPU, higher is faster)")
-  axes[1].legend()
+  axes[1].legend(fontsize=7, loc="lower right")
   return common.save_figure(fig, workdir, "bench_quant.png", dpi=110)
 
 
