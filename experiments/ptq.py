@@ -6,7 +6,10 @@ Every row quantizes the 210 projections (q/k/v/o/gate/up/down of 30 blocks) of t
 (`efficient.quant.quantize_model`); embeddings/head and norms stay f32. Columns: bytes per parameter of the
 projection weights as stored (codes + scales + zero points), validation perplexity on the quickstart's slice of
 the stdlib validation split and its change vs float, and the CPU forward time of one [1, prefill_len] prefill
-measured alternately with the float model (ratio = row / float). Calibration (GPTQ Hessians, SmoothQuant
+measured alternately with the float model (ratio = row / float). The 'kv-int8' / 'kv-int4' rows keep float
+weights and quantize the KV cache (`efficient.quant.kv_cache`): perplexity from the simulated forward (k/v
+quantize->dequantized exactly as the cache stores them), KV bytes per token of a `kv_bytes_len`-slot cache, and
+greedy decode tokens/s with the quantized cache vs the float cache (side by side). Calibration (GPTQ Hessians, SmoothQuant
 activation maxima) uses `calib_batches` x `calib_batch_size` sequences of `calib_seq_len` tokens of the TRAIN
 split, captured once from the float model and shared by the GPTQ rows.
 
@@ -19,6 +22,7 @@ use groups of 64 (GPTQ's usual g128 would only fit `down`).
 """
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -28,7 +32,8 @@ import numpy as np
 from flax import nnx
 
 from efficient import calibration, data, models, quant, train
-from efficient.quant import QuantConfig
+from efficient.models import llama
+from efficient.quant import QuantConfig, kv_cache
 from experiments import common
 
 SMOOTHABLE = r"attention/(q|k|v)$|mlp/(gate|up)$"
@@ -49,6 +54,10 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_seq_len = 256
   config.prefill_len = 256
   config.timing_repeats = 3
+  config.kv_group_size = kv_cache.DEFAULT_GROUP_SIZE  # kv-* rows: K tokens per per-channel scale
+  config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
+  config.decode_prompt_len = 128   # kv-* rows: greedy decode speed, quantized vs float cache
+  config.decode_tokens = 32         # 0: skip the decode timing
   return config
 
 
@@ -59,6 +68,13 @@ def _w(fmt="int8", **kwargs):
 def _grouped(fmt, method="rtn", **kwargs):
   return lambda c: [(".*", QuantConfig(fmt=fmt, group_size=c.group_size, method=method, damp=c.gptq_damp,
                                        **kwargs))]
+
+
+class KVRow:
+  """A row with float weights and a quantized KV cache of `kv_format`."""
+
+  def __init__(self, kv_format):
+    self.kv_format = kv_format
 
 
 def _smoothquant(c):
@@ -81,6 +97,10 @@ ROWS = {
     "w3-rtn": ("W3 per-group RTN (symmetric)", _grouped("int3")),
     "w3-gptq": ("W3 per-group GPTQ", _grouped("int3", "gptq")),
     "mxfp4": ("MXFP4 (E2M1, blocks of 32, E8M0 scales)", _w("mxfp4")),
+    "kv-int8": ("f32 weights; KV cache int8 (K per channel over groups of slots, V per token, asymmetric)",
+                KVRow("int8")),
+    "kv-int4": ("f32 weights; KV cache int4 packed (K per channel over groups of slots, V per token, asymmetric)",
+                KVRow("int4")),
 }
 
 QUICK_ROWS = "float32,w8,w8a8-smoothquant,w4-rtn,w4-gptq-actorder,nf4"
@@ -134,7 +154,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     description, make_rules = ROWS[name]
     t0 = time.perf_counter()
     model = float_model
-    if make_rules is not None:
+    if isinstance(make_rules, KVRow):
+      model = nnx.merge(*nnx.split(float_model))  # shares the float weights; only the attention function differs
+      model.attention_fn = kv_cache.simulated_attention_fn(make_rules.kv_format, config.kv_group_size)
+    elif make_rules is not None:
       model = quant.quantize_model(nnx.clone(float_model), make_rules(config), calibration_data=calib,
                                    statistics=statistics)
     quantize_s = time.perf_counter() - t0
@@ -144,7 +167,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                        repeats=config.timing_repeats)
     rows[name] = {"description": description, "quantize_s": quantize_s, "validation": validation,
                   **projection_bytes(model), "forward_ms": 1e3 * timings[name]["median_s"],
-                  "forward_ratio": timings[name]["median_s"] / timings["float32"]["median_s"], "timings": timings}
+                  "forward_ratio": timings[name]["median_s"] / timings["float32"]["median_s"], "timings": timings,
+                  **kv_bytes(float_model.config, getattr(make_rules, "kv_format", None), config)}
+    if isinstance(make_rules, KVRow) and config.decode_tokens > 0:
+      rows[name]["decode"] = decode_speed(float_model, make_rules.kv_format, config)
+      print(f"  decode {rows[name]['decode']['tokens_per_s']}", flush=True)
     print(f"[{name}] {rows[name]['bytes_per_param']:.3f} B/param, ppl {validation['perplexity']:.3f}, "
           f"forward {rows[name]['forward_ms']:.0f} ms ({rows[name]['forward_ratio']:.2f}x float), "
           f"quantized in {quantize_s:.0f} s", flush=True)
@@ -153,6 +180,34 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   _write(workdir, config, results)
   print(f"wrote {workdir}/results.json, results.md, ptq.png ({results['wall_seconds']:.0f} s)", flush=True)
   return results
+
+
+def kv_bytes(model_config, kv_format, config) -> dict:
+  """Measured bytes per token of the k/v storage of every layer (nbytes of a `kv_bytes_len`-slot cache / slots;
+  quantized: codes + scales + zero points + the open group's float keys) and the ratio to the f32 cache."""
+  length = min(config.kv_bytes_len, model_config.max_seq_len)
+  measure = lambda **kwargs: kv_cache.cache_nbytes(jax.eval_shape(lambda: llama.init_cache(
+      model_config, 1, length, **kwargs))) / length
+  float_bytes = measure()
+  quantized = float_bytes if kv_format is None else measure(kv_format=kv_format, kv_group_size=config.kv_group_size)
+  return {"kv_bytes_per_token": quantized, "kv_ratio": quantized / float_bytes, "kv_bytes_len": length}
+
+
+def decode_speed(model, kv_format, config) -> dict:
+  """Greedy decode tokens/s with the quantized vs the float cache: the extra time of `decode_tokens`+1 generated
+  tokens over 1 (same prefill), all four calls alternating (`time_side_by_side`)."""
+  prompt = jax.random.randint(jax.random.key(1), (1, config.decode_prompt_len), 0, model.config.vocab_size,
+                              dtype=jnp.int32)
+  n = config.decode_tokens
+  calls = {f"{cache}_{count}": functools.partial(llama.generate, model, prompt, count, kv_format=fmt,
+                                                 kv_group_size=None if fmt is None else config.kv_group_size)
+           for cache, fmt in (("float", None), (kv_format, kv_format)) for count in (1, n + 1)}
+  timings = common.time_side_by_side(calls, repeats=config.timing_repeats)
+  per_token = {cache: (timings[f"{cache}_{n + 1}"]["median_s"] - timings[f"{cache}_1"]["median_s"]) / n
+               for cache in ("float", kv_format)}
+  return {"tokens_per_s": {cache: 1.0 / s if s > 0 else float("nan") for cache, s in per_token.items()},
+          "speed_ratio": per_token["float"] / per_token[kv_format] if min(per_token.values()) > 0 else float("nan"),
+          "timings": timings}
 
 
 def _forward(model):
@@ -211,6 +266,15 @@ def claims(rows, group_size: int = 64) -> list[common.Claim]:
     out.append(common.Claim("SmoothQuant: migrating activation outliers into weights makes W8A8 more accurate",
                             f"W8A8 {_fmt(d['w8a8'])} -> with SmoothQuant {_fmt(d['w8a8-smoothquant'])}",
                             verdict(d["w8a8-smoothquant"] < d["w8a8"])))
+  if d["kv-int8"] is not None:
+    out.append(common.Claim("KV-cache int8 (per-channel K, per-token V; KIVI / Cache-Me-If-You-Must) costs ~no "
+                            "perplexity (within 1%)", f"kv-int8 {_fmt(d['kv-int8'])} at "
+                            f"{rows['kv-int8']['kv_ratio']:.3f}x the f32 cache bytes", verdict(abs(d["kv-int8"]) <= 1.0)))
+  if d["kv-int4"] is not None:
+    out.append(common.Claim("4-bit KV is usable with per-channel K (KIVI; Block-FP KV: '2x' memory savings with no "
+                            "significant loss); 'usable' = within 5% perplexity here",
+                            f"kv-int4 {_fmt(d['kv-int4'])} at {rows['kv-int4']['kv_ratio']:.3f}x the f32 cache bytes",
+                            verdict(d["kv-int4"] <= 5.0, partly=d["kv-int4"] <= 10.0)))
   if d["nf4"] is not None and d["w4-rtn"] is not None:
     out.append(common.Claim("QLoRA: NF4 quantizes normally distributed weights better than int4",
                             f"NF4 (block 64) {_fmt(d['nf4'])} vs int4 RTN g64 {_fmt(d['w4-rtn'])}",
@@ -225,23 +289,37 @@ def _write(workdir, config, results):
   for name, row in rows.items():
     ppl = row["validation"]["perplexity"]
     delta = "" if base is None else f"{100 * (ppl / base - 1):+.2f}%"
-    table.append((name, row["description"], f"{row['bytes_per_param']:.3f}", f"{ppl:.3f}", delta,
+    table.append((name, row["description"], f"{row['bytes_per_param']:.3f}",
+                  f"{row['kv_bytes_per_token']:.0f} ({row['kv_ratio']:.3f}x)", f"{ppl:.3f}", delta,
                   f"{row['forward_ms']:.0f}", f"{row['forward_ratio']:.2f}x", f"{row['quantize_s']:.0f}"))
+  decode = [(name, f"{row['decode']['tokens_per_s']['float']:.1f}",
+             f"{row['decode']['tokens_per_s'][name.removeprefix('kv-')]:.1f}", f"{row['decode']['speed_ratio']:.2f}x")
+            for name, row in rows.items() if "decode" in row]
   plot = _plot(workdir, rows, base)
   tokens = next(iter(rows.values()))["validation"]["tokens"]
   projections = next(iter(rows.values()))["projections"]
   common.write_results(
       workdir, title="PTQ of SmolLM2-135M on this CPU", config=config.to_dict(), results=results,
       claims=claims(rows, config.group_size), plots=[plot] if plot else [],
-      tables={"Rows": (("row", "method", "projection bytes/param", f"val ppl ({tokens} tokens)", "Δ ppl vs f32",
-                        f"forward [1,{config.prefill_len}] ms", "vs f32 (alternating)", "quantize s"), table)},
+      tables={"Rows": (("row", "method", "projection bytes/param", "KV bytes/token (vs f32 cache)",
+                        f"val ppl ({tokens} tokens)", "Δ ppl vs f32", f"forward [1,{config.prefill_len}] ms",
+                        "vs f32 (alternating)", "quantize s"), table),
+              **({"KV-cache decode (greedy, CPU)": (
+                  ("row", "float cache tok/s", "quantized cache tok/s", "quantized / float speed"), decode)}
+                 if decode else {})},
       notes=(f"Calibration: {config.calib_batches}x{config.calib_batch_size}x{config.calib_seq_len} train tokens "
              "(GPTQ's paper uses 128x2048); Hessians captured once from the float model (one-shot, not GPTQ's "
              f"sequential re-capture), damp 1% of mean diag. Bytes/param counts the {projections} projections only "
              "(embedding/head and norms stay f32). CPU forward times run the reference/XLA paths of the kernels "
              "(dequantize then matmul for weight-only; int8 GEMM for W8A8), medians of "
              f"{config.timing_repeats} runs alternating with the float model on a shared 2-core machine "
-             "(±50%); they say nothing about TPU/GPU kernels."))
+             "(±50%); they say nothing about TPU/GPU kernels. kv-* rows: float weights, perplexity of the simulated "
+             f"quantized-KV forward (= decoding with the quantized cache); K scales per channel over groups of "
+             f"{config.kv_group_size} slots, the open group kept in float (KIVI's residual), so in these "
+             f"{config.eval_seq_len}-token sequences a query sees up to {config.kv_group_size - 1} float keys; "
+             f"KV bytes/token measured on a {next(iter(rows.values()))['kv_bytes_len']}-slot cache (all layers); "
+             f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens, the XLA path "
+             "dequantizes the whole cache every step (no fused kernel)."))
 
 
 def _plot(workdir, rows, base):

@@ -8,13 +8,18 @@ from experiments import ptq
 
 def test_ptq_writes_results_on_tiny(tmp_path):
   config = ptq.default_config()
-  config.update(model="tiny", rows="float32,w8,w4-rtn,w4-gptq", group_size=32, calib_batches=1, eval_batches=1,
-                calib_seq_len=32, eval_seq_len=32, prefill_len=32, timing_repeats=1)
+  config.update(model="tiny", rows="float32,w8,w4-rtn,w4-gptq,kv-int4", group_size=32, calib_batches=1,
+                eval_batches=1, calib_seq_len=32, eval_seq_len=32, prefill_len=32, timing_repeats=1, kv_group_size=8,
+                decode_tokens=0)
   results = ptq.run(config, str(tmp_path))
   rows = results["rows"]
   assert rows["float32"]["bytes_per_param"] == 4.0
   assert rows["w8"]["bytes_per_param"] < 1.1 and rows["w4-gptq"]["bytes_per_param"] < 0.6
   assert rows["w4-gptq"]["projections"] == 14
+  # Float weights, packed int4 KV: ~1/4 of the f32 cache's bytes (head_dim 16: scales weigh more than at 64).
+  assert rows["kv-int4"]["bytes_per_param"] == 4.0 and 0.2 < rows["kv-int4"]["kv_ratio"] < 0.3
+  assert rows["float32"]["kv_ratio"] == 1.0
+  assert abs(rows["kv-int4"]["validation"]["perplexity"] / rows["float32"]["validation"]["perplexity"] - 1) < 0.05
   for name in ("results.json", "results.md", "ptq.png"):
     assert (tmp_path / name).exists(), name
   markdown = (tmp_path / "results.md").read_text()
