@@ -8,9 +8,10 @@ train split (shared by Wanda and SparseGPT, one-shot: layers see dense-model inp
 perplexity on the quickstart's slice (first `eval_batches` of the validation split, 4 x 256 tokens each), its
 change vs dense, the measured sparsity, and the measured bytes of the pruned matrices in compressed storage
 (2:4 -> kept values + 2-bit packed positions; unstructured -> kept values + a 1-bit mask), against dense f32.
-Every N:M row also runs with its kept values quantized to int4 (`--config.quantize_nm`, RTN symmetric per group of
-32 kept values, packed two per byte — Sparse-MARLIN's 2:4 + int4 storage; '' turns it off). This is RTN after
-pruning, not SparseGPT's joint prune-and-quantize pass.
+Every N:M row also runs with its kept values quantized to int4 (`--config.quantize_nm`; symmetric, one scale per
+32 kept values, packed two per byte — Sparse-MARLIN's 2:4 + int4 storage; '' turns it off), by RTN and by GPTQ
+with the sparsity mask fixed (pruned entries stay zero, kept ones absorb the quantization error: SparseGPT's joint
+sparsify + quantize, run as a second pass over the pruned weights with the same Hessians).
 
 Runtime: the committed results took 36 min on the shared 2-core CPU with 3-4 other jobs running (Hessian capture
 2.3 min, SparseGPT 8-9 min per pattern, magnitude/Wanda 1-2.5 min each before their mask selection dropped
@@ -28,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from efficient import calibration, data, models, quant, sparse, train
+from efficient.quant import calibrate as calibrate_lib
 from efficient.sparse import prune, storage
 from experiments import common
 
@@ -48,6 +50,7 @@ def default_config() -> ml_collections.ConfigDict:
   # N:M rows also run with their kept values quantized (Sparse-MARLIN's 2:4 + int4 storage); '' turns it off.
   config.quantize_nm = "int4"
   config.quantize_nm_group = 32         # kept values per scale: 32 of 2:4 = 64 dense inputs (ptq.py's g64)
+  config.quantize_nm_methods = "rtn,gptq"  # gptq: GPTQ with the sparsity mask fixed (needs the Hessians)
   return config
 
 
@@ -80,18 +83,35 @@ def compressed_bytes(model, report: dict) -> dict:
   return {"dense": dense, "compressed": compressed, "ratio": compressed / dense}
 
 
-def quantize_nm_values(matrix, n: int, m: int, fmt: str, group_size: int):
-  """N:M storage with quantized kept values: compress to N:M, RTN-quantize the kept values [in*n/m, out] per
-  group of `group_size` along the input axis (symmetric, so stored zeros stay zero), and return the dense matrix
-  it stands for plus its measured bytes (packed codes + scales + packed positions)."""
-  stored = sparse.compress_nm(matrix, n, m)
-  codes = quant.quantize(stored.values, fmt, axis=0, group_size=group_size)
+def quantize_nm_values(matrix, n: int, m: int, fmt: str, group_size: int, hessian=None):
+  """N:M storage with quantized kept values for an N:M-sparse [in, out] `matrix`: the kept values [in*n/m, out]
+  as a QArray with one scale per `group_size` kept values along the input axis (symmetric, so stored zeros stay
+  zero) plus the packed positions. Without `hessian` the kept values are RTN-quantized; with it, GPTQ quantizes
+  the matrix with its sparsity mask fixed (pruned entries stay exactly zero and their neighbours absorb the
+  quantization error: SparseGPT's joint prune + quantize, run as a second pass). Returns the dense matrix the
+  storage stands for and its measured bytes (packed codes + scales + packed positions)."""
+  kept = matrix != 0
+  stored = sparse.compress_nm(matrix, n, m, mask=kept)
+  template = quant.quantize(stored.values, fmt, axis=0, group_size=group_size)
+  if hessian is None:
+    codes = template
+  else:
+    bits = quant.FORMATS[fmt].bits
+    dense_codes = quant.gptq_quantize(matrix, hessian, bits=bits, group_size=group_size * m // n, mask=kept)
+    stored = sparse.compress_nm(quant.dequantize(dense_codes, jnp.float32), n, m, mask=kept)
+    # A group of group_size*m/n inputs holds group_size kept values: GPTQ's scales are the storage's scales.
+    step = jnp.repeat(dense_codes.scale.astype(jnp.float32), group_size, axis=0)
+    codes = dataclasses.replace(template, scale=dense_codes.scale, qvalue=calibrate_lib.encode_codes(
+        jnp.round(stored.values / step), quant.FORMATS[fmt], True))
+    if not bool(jnp.all(quant.dequantize(codes, jnp.float32) == stored.values)):
+      raise AssertionError("the N:M storage does not reproduce GPTQ's weights exactly")
   restored = dataclasses.replace(stored, values=quant.dequantize(codes, stored.values.dtype)).todense()
   return restored, quant.nbytes(codes) + int(stored.indices.size)
 
 
-def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batches, dense_eval):
-  """The pruned model's N:M matrices replaced by their quantized N:M storage (dequantized for evaluation)."""
+def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batches, dense_eval, hessians):
+  """The pruned model's N:M matrices replaced by their quantized N:M storage (dequantized for evaluation);
+  `hessians` given: by GPTQ with the mask fixed, else RTN."""
   model = nnx.merge(graphdef, jax.tree.map(lambda a: a, pruned_state))
   n, m = pattern["nm"]
   dense = compressed = 0
@@ -99,7 +119,8 @@ def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batc
   for path in report:
     module = calibration.get_module(model, path)
     matrix = calibration.kernel_as_matrix(module)
-    restored, nbytes = quantize_nm_values(matrix, n, m, config.quantize_nm, config.quantize_nm_group)
+    restored, nbytes = quantize_nm_values(matrix, n, m, config.quantize_nm, config.quantize_nm_group,
+                                          None if hessians is None else hessians[path]["hessian"])
     module.kernel[...] = calibration.matrix_to_kernel(module, restored).astype(module.kernel[...].dtype)
     dense += storage.dense_nbytes(matrix.shape, matrix.dtype)
     compressed += nbytes
@@ -114,6 +135,15 @@ def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batc
           "prune_seconds": quantize_seconds,
           "nm_valid": all(sparse.is_nm_sparse(calibration.kernel_as_matrix(calibration.get_module(model, p)), n, m)
                           for p in report)}
+
+
+def _quantizers(config, pattern, hessians) -> list[str]:
+  if "nm" not in pattern or not config.quantize_nm:
+    return []
+  chosen = [q.strip() for q in config.quantize_nm_methods.split(",") if q.strip()]
+  if unknown := [q for q in chosen if q not in ("rtn", "gptq")]:
+    raise ValueError(f"--config.quantize_nm_methods: unknown {unknown}; choose from ['rtn', 'gptq'].")
+  return [q for q in chosen if q == "rtn" or hessians is not None]  # GPTQ needs the calibration Hessians
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -173,10 +203,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       print(f"[{name}] ppl {evaluation['perplexity']:.3f} (Δ {rows[name]['delta_perplexity']:+.3f}), sparsity "
             f"{rows[name]['sparsity']:.3f}, {nbytes['compressed'] / 2**20:.1f} MiB vs {nbytes['dense'] / 2**20:.1f}"
             f" MiB dense, pruned in {prune_seconds:.1f} s", flush=True)
-      if "nm" in pattern and config.quantize_nm:
-        quantized_name = f"{name} + {config.quantize_nm}"
+      for quantizer in _quantizers(config, pattern, hessians):
+        quantized_name = f"{name} + {config.quantize_nm} {quantizer}"
         rows[quantized_name] = _quantized_nm_row(graphdef, nnx.state(model), report, pattern, config,
-                                                 eval_batches, dense_eval)
+                                                 eval_batches, dense_eval, hessians if quantizer == "gptq" else None)
         rows[quantized_name].update(method=method, pattern=pattern_name, quantized=config.quantize_nm)
         print(f"[{quantized_name}] ppl {rows[quantized_name]['perplexity']:.3f}, "
               f"{rows[quantized_name]['bytes']['ratio']:.4f} of dense bytes", flush=True)

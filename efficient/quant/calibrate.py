@@ -66,7 +66,7 @@ def _check_gptq_args(w, hessian, group_size, damp, block_size):
 
 def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  logical_axes: tuple | None = None) -> QArray:
+                  logical_axes: tuple | None = None, mask=None) -> QArray:
   """GPTQ of w [in_features, out_features] (Flax layout) given hessian [in, in] (2XᵀX/n) -> QArray (axis 0).
 
   bits        8, 4, 3 or 2 (uniform int formats; sub-byte ones are stored packed)
@@ -75,6 +75,9 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   act_order   process rows by descending diag(H) (see the module docstring for how groups stay contiguous)
   damp        diagonal damping as a fraction of mean(diag(H)) (GPTQ's percdamp; 0.01 by default)
   block_size  rows per lazy-update block (128 as GPTQ)
+  mask        optional bool [in, out]: entries outside it are quantized to exactly zero and their error is
+              compensated like any other (SparseGPT's joint sparsify-and-quantize with a fixed mask); scales
+              come from the kept entries only
   """
   fmt = int_format(bits)
   w = jnp.asarray(w)
@@ -89,7 +92,12 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
     _packing.check_packable(k, fmt.bits, name="w.shape[0] (in_features)")
   g = group_size or k
   scale_dtype = "bfloat16" if group_size is not None else "float32"
-  w32, perm, u = _prepare(w.astype(jnp.float32), hessian, float(damp), bool(act_order))
+  if mask is None:
+    mask = jnp.ones((k, n), bool)
+  elif tuple(jnp.shape(mask)) != (k, n):
+    raise ValueError(f"mask must have w's shape {(k, n)}, got {tuple(jnp.shape(mask))}.")
+  mask = jnp.asarray(mask, bool)
+  w32, perm, u = _prepare(jnp.where(mask, w, 0).astype(jnp.float32), hessian, float(damp), bool(act_order))
   if not bool(jnp.all(jnp.isfinite(u))):
     raise ValueError("hessian is not positive definite even after damping; use more calibration tokens or a "
                      "larger damp.")
@@ -97,7 +105,7 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   scale = zero = None
   if static:  # scales of the original contiguous groups, fixed before any update
     _, scale, zero = formats.quantize_int(w32[jnp.argsort(perm)], fmt, g, False, symmetric, scale_dtype)
-  codes, scale, zero = _gptq_blocks(w32, u, perm, scale, zero, fmt=fmt, g=g, block_size=block_size,
+  codes, scale, zero = _gptq_blocks(w32, mask[perm], u, perm, scale, zero, fmt=fmt, g=g, block_size=block_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype, static=static)
   codes = codes[jnp.argsort(perm)]
   return QArray(qvalue=encode_codes(codes, fmt, symmetric), scale=scale, zero_point=None if symmetric else zero,
@@ -133,9 +141,9 @@ def _quant_row(row, scale, zero, fmt, symmetric):
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "g", "block_size", "symmetric", "scale_dtype", "static"))
-def _gptq_blocks(w, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scale_dtype, static):
-  """The GPTQ loop over w [K, N] (rows already in processing order). Returns codes in processing order and the
-  [G, N] scales/zero points of the original groups."""
+def _gptq_blocks(w, mask, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scale_dtype, static):
+  """The GPTQ loop over w [K, N] (rows and mask already in processing order). Returns codes in processing order
+  and the [G, N] scales/zero points of the original groups."""
   k, n = w.shape
   num_groups = k // g
   if not static:
@@ -148,7 +156,9 @@ def _gptq_blocks(w, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scal
     u_block = u[start:stop, start:stop]
     row_ids = jnp.arange(size)
 
-    def body(i, carry, start=start, u_block=u_block, row_ids=row_ids):
+    mask_block = mask[start:stop]
+
+    def body(i, carry, start=start, u_block=u_block, row_ids=row_ids, mask_block=mask_block):
       w1, q1, err1, scale, zero = carry
       row = w1[i]
       if static:
@@ -159,6 +169,7 @@ def _gptq_blocks(w, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scal
         def new_params(args):
           w1, scale, zero = args
           block = jax.lax.dynamic_slice_in_dim(w1, i, g, axis=0)  # the group's rows, updated so far
+          block = jnp.where(jax.lax.dynamic_slice_in_dim(mask_block, i, g, axis=0), block, 0.0)
           _, s, z = formats.quantize_int(block, fmt, g, False, symmetric, scale_dtype)
           scale = jax.lax.dynamic_update_slice_in_dim(scale, s.astype(scale.dtype), group, axis=0)
           if z is not None:
@@ -169,6 +180,8 @@ def _gptq_blocks(w, u, perm, scale, zero, *, fmt, g, block_size, symmetric, scal
       s = scale[group].astype(jnp.float32)
       z = None if symmetric else zero[group].astype(jnp.float32)
       q, dq = _quant_row(row, s, z, fmt, symmetric)
+      kept = mask_block[i]
+      q, dq = jnp.where(kept, q, 0.0 if symmetric else z), jnp.where(kept, dq, 0.0)
       err = (row - dq) / u_block[i, i]
       # Push the error onto the later rows of the block now (rows <= i are done and left alone).
       w1 = w1 - jnp.where(row_ids > i, u_block[i], 0.0)[:, None] * err[None, :]

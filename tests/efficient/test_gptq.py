@@ -57,6 +57,35 @@ def test_act_order_keeps_groups_on_original_rows(problem):
   assert np.all(np.abs(w_hat) <= 7 * scale + 1e-7)
 
 
+@pytest.fixture(scope="module")
+def two_four_mask(problem):
+  _, w, _ = problem
+  keep = np.argsort(-np.abs(w.reshape(K // 4, 4, N)), axis=1)[:, :2]
+  mask = np.zeros((K // 4, 4, N), bool)
+  np.put_along_axis(mask, keep, True, axis=1)
+  return mask.reshape(K, N)
+
+
+def test_masked_gptq_with_identity_hessian_is_rtn_of_the_masked_weight(problem, two_four_mask):
+  _, w, _ = problem
+  q = quant.gptq_quantize(w, np.eye(K, dtype=np.float32), bits=4, group_size=32, mask=two_four_mask)
+  rtn = calibrate.rtn_quantize(np.where(two_four_mask, w, 0), bits=4, group_size=32)
+  for a, b in zip(jax.tree.leaves(q), jax.tree.leaves(rtn), strict=True):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_masked_gptq_keeps_zeros_and_beats_rtn_of_the_masked_weight(problem, two_four_mask):
+  x, w, h = problem
+  sparse_w = np.where(two_four_mask, w, 0)
+  w_hat = np.asarray(quant.dequantize(quant.gptq_quantize(sparse_w, h, bits=4, group_size=32, mask=two_four_mask)))
+  assert np.all(w_hat[~two_four_mask] == 0)  # still 2:4
+  rtn_hat = quant.dequantize(calibrate.rtn_quantize(sparse_w, bits=4, group_size=32))
+  gptq_error, rtn_error = (calibrate.layer_error(x, sparse_w, a) for a in (w_hat, rtn_hat))
+  assert gptq_error < 0.8 * rtn_error, (gptq_error, rtn_error)
+  with pytest.raises(ValueError, match=r"mask must have w's shape \(128, 48\)"):
+    quant.gptq_quantize(w, h, bits=4, group_size=32, mask=two_four_mask[:64])
+
+
 def test_gptq_rejects_bad_arguments(problem):
   _, w, h = problem
   with pytest.raises(ValueError, match="group_size"):
