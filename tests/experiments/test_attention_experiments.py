@@ -22,6 +22,8 @@ def test_mqar_toy_run(tmp_path):
   # linear: 2 layers * [2 heads, 1 + 2 + 4, 8 + 1] f32
   assert saved["linear (Taylor, d_f=2)"]["state_bytes"] == 2 * 2 * 7 * 9 * 4
   assert all(0.0 <= r["accuracy"] <= 1.0 for r in saved.values())
+  # eval_every=50 > steps: the learning curve holds the final step only, and it is the held-out batch 0
+  assert all([step for step, _ in r["accuracy_curve"]] == [2] for r in saved.values())
 
 
 def test_window_coverage_counts_pairs_in_window():
@@ -59,3 +61,6 @@ def test_mqar_verdicts_need_a_trained_softmax():
   under = dict(trained, softmax=make(0.12, 10))
   verdicts = [c.verdict for c in mqar.claims_for(under, 0.25, config)]
   assert verdicts[0].startswith("not reproduced") and all("inconclusive" in v for v in verdicts[1:])
+  assert "1/K plateau" in verdicts[0]  # 12% with K = 8 pairs: guessing among the in-context values
+  off_plateau = dict(trained, softmax=make(0.30, 10))
+  assert "plateau" not in mqar.claims_for(off_plateau, 0.25, config)[0].verdict
