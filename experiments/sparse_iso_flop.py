@@ -62,13 +62,10 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _ints(text: str, name: str) -> list[int]:
-  try:
-    values = [int(part) for part in str(text).split(",") if part.strip()]
-  except ValueError as e:
-    raise ValueError(f"--config.{name}={text!r} must be a comma-separated list of integers.") from e
-  if not values:
-    raise ValueError(f"--config.{name}={text!r} names nothing.")
-  return values
+  parts = [part.strip() for part in str(text).split(",") if part.strip()]
+  if not parts or not all(part.isdigit() for part in parts):
+    raise ValueError(f"--config.{name}={text!r} must be a comma-separated list of non-negative integers.")
+  return [int(part) for part in parts]
 
 
 def parse(config) -> tuple[list[int], list[str], list[int]]:
@@ -254,8 +251,7 @@ def plot(path: str, summary: dict, widths, methods) -> None:
   ax.set_ylabel("validation loss (nats/byte), mean ± std over seeds")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=120, bbox_inches="tight")
   plt.close(fig)
 
 
