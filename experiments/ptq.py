@@ -71,10 +71,12 @@ def _grouped(fmt, method="rtn", **kwargs):
 
 
 class KVRow:
-  """A row with float weights and a quantized KV cache of `kv_format`."""
+  """A row with float weights and a quantized KV cache of `kv_format` (key_granularity='token': the per-token-K
+  ablation, simulated only)."""
 
-  def __init__(self, kv_format):
+  def __init__(self, kv_format, key_granularity="channel"):
     self.kv_format = kv_format
+    self.key_granularity = key_granularity
 
 
 def _smoothquant(c):
@@ -101,6 +103,8 @@ ROWS = {
                 KVRow("int8")),
     "kv-int4": ("f32 weights; KV cache int4 packed (K per channel over groups of slots, V per token, asymmetric)",
                 KVRow("int4")),
+    "kv-int4-ktoken": ("ablation: f32 weights; int4 KV with K per token like V (no float open group)",
+                       KVRow("int4", key_granularity="token")),
 }
 
 QUICK_ROWS = "float32,w8,w8a8-smoothquant,w4-rtn,w4-gptq-actorder,nf4"
@@ -156,7 +160,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     model = float_model
     if isinstance(make_rules, KVRow):
       model = nnx.merge(*nnx.split(float_model))  # shares the float weights; only the attention function differs
-      model.attention_fn = kv_cache.simulated_attention_fn(make_rules.kv_format, config.kv_group_size)
+      model.attention_fn = kv_cache.simulated_attention_fn(make_rules.kv_format, config.kv_group_size,
+                                                           make_rules.key_granularity)
     elif make_rules is not None:
       model = quant.quantize_model(nnx.clone(float_model), make_rules(config), calibration_data=calib,
                                    statistics=statistics)
@@ -168,8 +173,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows[name] = {"description": description, "quantize_s": quantize_s, "validation": validation,
                   **projection_bytes(model), "forward_ms": 1e3 * timings[name]["median_s"],
                   "forward_ratio": timings[name]["median_s"] / timings["float32"]["median_s"], "timings": timings,
-                  **kv_bytes(float_model.config, getattr(make_rules, "kv_format", None), config)}
-    if isinstance(make_rules, KVRow) and config.decode_tokens > 0:
+                  **kv_bytes(float_model.config, make_rules if isinstance(make_rules, KVRow) else None, config)}
+    if isinstance(make_rules, KVRow) and make_rules.key_granularity == "channel" and config.decode_tokens > 0:
       rows[name]["decode"] = decode_speed(float_model, make_rules.kv_format, config)
       print(f"  decode {rows[name]['decode']['tokens_per_s']}", flush=True)
     print(f"[{name}] {rows[name]['bytes_per_param']:.3f} B/param, ppl {validation['perplexity']:.3f}, "
@@ -182,14 +187,22 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return results
 
 
-def kv_bytes(model_config, kv_format, config) -> dict:
+def kv_bytes(model_config, row: KVRow | None, config) -> dict:
   """Measured bytes per token of the k/v storage of every layer (nbytes of a `kv_bytes_len`-slot cache / slots;
-  quantized: codes + scales + zero points + the open group's float keys) and the ratio to the f32 cache."""
+  quantized: codes + scales + zero points + the open group's float keys) and the ratio to the f32 cache. The
+  per-token-K ablation has no cache: its bytes are those of K and V stored the way V is."""
   length = min(config.kv_bytes_len, model_config.max_seq_len)
   measure = lambda **kwargs: kv_cache.cache_nbytes(jax.eval_shape(lambda: llama.init_cache(
       model_config, 1, length, **kwargs))) / length
   float_bytes = measure()
-  quantized = float_bytes if kv_format is None else measure(kv_format=kv_format, kv_group_size=config.kv_group_size)
+  if row is None:
+    quantized = float_bytes
+  elif row.key_granularity == "token":
+    shape = jax.ShapeDtypeStruct((1, length, model_config.num_kv_heads, model_config.head_dim), jnp.float32)
+    stored = jax.eval_shape(lambda x: kv_cache.quantize_values(x, row.kv_format), shape)
+    quantized = 2 * model_config.num_layers * sum(a.size * a.dtype.itemsize for a in stored) / length
+  else:
+    quantized = measure(kv_format=row.kv_format, kv_group_size=config.kv_group_size)
   return {"kv_bytes_per_token": quantized, "kv_ratio": quantized / float_bytes, "kv_bytes_len": length}
 
 
@@ -275,6 +288,11 @@ def claims(rows, group_size: int = 64) -> list[common.Claim]:
                             "significant loss); 'usable' = within 5% perplexity here",
                             f"kv-int4 {_fmt(d['kv-int4'])} at {rows['kv-int4']['kv_ratio']:.3f}x the f32 cache bytes",
                             verdict(d["kv-int4"] <= 5.0, partly=d["kv-int4"] <= 10.0)))
+  if d["kv-int4"] is not None and d["kv-int4-ktoken"] is not None:
+    out.append(common.Claim("KV quantization (seed digest C11, KIVI): per-channel K beats per-token K",
+                            f"int4 KV: per-channel K {_fmt(d['kv-int4'])} vs per-token K {_fmt(d['kv-int4-ktoken'])} "
+                            "(per-channel also keeps the open group's keys in float)",
+                            verdict(d["kv-int4"] < d["kv-int4-ktoken"])))
   if d["nf4"] is not None and d["w4-rtn"] is not None:
     out.append(common.Claim("QLoRA: NF4 quantizes normally distributed weights better than int4",
                             f"NF4 (block 64) {_fmt(d['nf4'])} vs int4 RTN g64 {_fmt(d['w4-rtn'])}",

@@ -199,12 +199,17 @@ def update_and_attend(layer_cache: dict, q, k, v, *, index, q_positions, kv_posi
   return out, new_cache
 
 
-def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE):
+def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE, key_granularity: str = "channel"):
   """An `AttentionFn` (llama.AttentionFn) for full forwards without a cache: k/v are quantize->dequantized exactly
   as the cache stores them (slot = index along the sequence) and attended as `update_and_attend` does, so
   `Llama(config, attention_fn=simulated_attention_fn('int4'))` gives a quantized-KV model's perplexity in one
-  forward (equal to decoding token by token with `init_cache(..., kv_format='int4')`)."""
+  forward (equal to decoding token by token with `init_cache(..., kv_format='int4')`).
+
+  key_granularity='token' is an ablation with no cache behind it: K quantized per token (as V), every key
+  quantized as soon as it is written (no float open group)."""
   check_format(kv_format, 2, group_size)  # head_dim is checked on the first call
+  if key_granularity not in ("channel", "token"):
+    raise ValueError(f"key_granularity={key_granularity!r} must be 'channel' or 'token'.")
 
   def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
     check_format(kv_format, k.shape[-1], group_size)
@@ -212,10 +217,14 @@ def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE)
     if q.shape[1] != length:
       raise ValueError(f"q: simulated_attention_fn runs full forwards (q and k of one length); got q length "
                        f"{q.shape[1]} vs k length {length}. Decode with init_cache(..., kv_format=...).")
-    padded = jnp.pad(k, ((0, 0), (0, -length % group_size), (0, 0), (0, 0)))  # the open tail group is never read
-    k_quantized = dequantize_keys(*quantize_keys(padded, group_size, kv_format), kv_format, q.dtype)[:, :length]
     v_view = dequantize_values(*quantize_values(v, kv_format), kv_format, q.dtype)
-    return attend(q, k_quantized, k, v_view, q_slots=jnp.arange(length), group_size=group_size,
+    if key_granularity == "token":  # groups of one slot: every key is complete, hence quantized, once written
+      k_quantized, key_group = dequantize_values(*quantize_values(k, kv_format), kv_format, q.dtype), 1
+    else:
+      padded = jnp.pad(k, ((0, 0), (0, -length % group_size), (0, 0), (0, 0)))  # the open tail group is never read
+      k_quantized = dequantize_keys(*quantize_keys(padded, group_size, kv_format), kv_format, q.dtype)[:, :length]
+      key_group = group_size
+    return attend(q, k_quantized, k, v_view, q_slots=jnp.arange(length), group_size=key_group,
                   q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                   kv_segment_ids=kv_segment_ids)
 
