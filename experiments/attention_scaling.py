@@ -3,6 +3,9 @@ attention, with jax.nn.dot_product_attention and tokamax as peers in the same ru
 
     python -m experiments.attention_scaling --workdir=workdir/attention_scaling [--config.seq_lens=256,...,16384]
 
+Default lengths 256 ... 16384: the memory-linear paths (flash xla, chunked linear, recurrent) run every length,
+the N x N ones (naive, jax.nn.dot_product_attention, tokamax xla) and tokamax xla_chunked stop at 8192.
+
 Forward pass of causal attention, q/k/v [1, N, H, D] f32. Memory is XLA's compiled temp bytes
 (`efficient.measure.compiled_cost`; also for the forward+backward of naive vs flash), time the median of
 alternating runs (`experiments.common.time_side_by_side`); log-log slopes are fitted over N >= `fit_from`.
@@ -38,13 +41,15 @@ except ImportError:  # pragma: no cover - depends on the environment
 
 def default_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
-  config.seq_lens = "256,512,1024,2048,4096"
-  config.max_quadratic_len = 4096   # naive / N x N peers are skipped above this (their N^2 buffer)
+  config.seq_lens = "256,512,1024,2048,4096,8192,16384"
+  config.max_quadratic_len = 8192   # naive / N x N peers are skipped above this (their N^2 buffer: 1 GiB at 8k)
+  config.max_peer_len = 8192        # tokamax xla_chunked (memory-linear, quadratic time) stops here too
+  config.single_run_from = 4096     # N >= this: one timed run of the precompiled function (seconds per call)
   config.heads = 4
   config.head_dim = 64
   config.chunk_size = 64            # linear attention chunk
   config.flash_block = 512          # flash XLA path q/kv chunk
-  config.repeats = 5
+  config.repeats = 3                # timed runs per method for N < single_run_from (median)
   config.fit_from = 1024
   config.backward_memory = True     # also compile forward+backward of naive and flash for temp bytes
   config.packing_check = True
@@ -53,6 +58,16 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 QUADRATIC = ("naive softmax", "jax.nn.dot_product_attention", "tokamax xla")
+
+
+def runs_at(name: str, n: int, config) -> bool:
+  """Whether `name` is measured at length n: N x N methods up to max_quadratic_len, the chunked tokamax peer up
+  to max_peer_len, the memory-linear paths (flash xla, linear chunk, recurrent) at every length."""
+  if name in QUADRATIC:
+    return n <= config.max_quadratic_len
+  if name.startswith("tokamax"):
+    return n <= config.max_peer_len
+  return True
 
 
 def methods(config) -> dict:
@@ -170,7 +185,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   table: dict[str, dict[int, dict]] = {name: {} for name in fns}
   for n in seq_lens:
     q, k, v = inputs(n, config)
-    active = [name for name in fns if not (name in QUADRATIC and n > config.max_quadratic_len)]
+    active = [name for name in fns if runs_at(name, n, config)]
     for name in active:
       table[name][n] = {"temp_bytes": measure.compiled_cost(fns[name], q, k, v)["temp_bytes"]}
     if config.backward_memory:
@@ -179,8 +194,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           loss = lambda q, k, v, f=fns[name]: f(q, k, v).sum()
           grad = jax.grad(loss, argnums=(0, 1, 2))
           table[name][n]["fwd_bwd_temp_bytes"] = measure.compiled_cost(grad, q, k, v)["temp_bytes"]
-    timings = common.time_side_by_side({name: (lambda f=jitted[name]: f(q, k, v)) for name in active},
-                                       repeats=config.repeats)
+    # Long N: compile first, then one timed call each (a call takes seconds; a warm-up run would double it).
+    single = n >= config.single_run_from
+    compiled = {name: jitted[name].lower(q, k, v).compile() for name in active}
+    timings = common.time_side_by_side({name: (lambda f=compiled[name]: f(q, k, v)) for name in active},
+                                       repeats=1 if single else config.repeats, warmup=0 if single else 1)
     for name in active:
       seconds = timings[name]["median_s"]
       table[name][n].update(seconds=seconds, tokens_per_s=n / seconds)
@@ -235,8 +253,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                f"{v.get('fwd_bwd_memory_slope', float('nan')):.2f}") for name, v in fits.items()]
   wall = time.perf_counter() - started
   notes = (f"Forward of causal attention, B=1, H={config.heads}, D={config.head_dim}, f32, on this shared CPU "
-           f"(times vary run to run; ratios are side by side). Slopes fitted over N >= {config.fit_from}. "
-           f"N x N methods skipped above N={config.max_quadratic_len}. tokamax: "
+           f"(times vary run to run; ratios are side by side; N >= {config.single_run_from}: one timed call). "
+           f"Slopes fitted over N >= {config.fit_from} on the lengths each method ran: N x N methods (naive, "
+           f"jax.nn.dot_product_attention, tokamax xla) are skipped above N={config.max_quadratic_len} (their "
+           f"N x N logits), tokamax xla_chunked above N={config.max_peer_len} (time); flash (xla), linear chunk "
+           f"and recurrent run every length. tokamax: "
            f"{'installed (' + tokamax.__name__ + ' 0.0.12 via pip; jax stays 0.10.2)' if tokamax else 'not installed'}"
            f". Memory is XLA's temp buffer for the compiled function (a scan body is counted once: exactly the "
            f"'working set' the claims are about). Flash's slope is below 1 at these N because its fixed "
