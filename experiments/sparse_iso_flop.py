@@ -16,7 +16,6 @@ Writes results.json, results.md and loss_vs_sparsity.png into --workdir.
 """
 from __future__ import annotations
 
-import os
 import re
 import time
 
@@ -234,7 +233,7 @@ def _label(width: int, method: str) -> str:
   return "dense" if width == 1 else f"{width}x wide, {100 * (1 - 1 / width):.0f}% sparse, {method}"
 
 
-def plot(path: str, summary: dict, widths, methods) -> None:
+def plot(workdir: str, summary: dict, widths, methods) -> str:
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -251,8 +250,7 @@ def plot(path: str, summary: dict, widths, methods) -> None:
   ax.set_ylabel("validation loss (nats/byte), mean ± std over seeds")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  fig.savefig(path, dpi=120, bbox_inches="tight")
-  plt.close(fig)
+  return common.save_figure(fig, workdir, "loss_vs_sparsity.png")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -276,8 +274,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
               flush=True)
       summary[label] = _summary(runs[label])
   wall = time.perf_counter() - started
-  plot_path = os.path.join(workdir, "loss_vs_sparsity.png")
-  plot(plot_path, summary, sorted(widths), methods)
+  plot_path = plot(workdir, summary, sorted(widths), methods)
   dense = summary[_label(1, "")]
   flops = {label: s["forward_flops_per_token"] for label, s in summary.items()}
   flops_equal = max(flops.values()) - min(flops.values()) <= 1e-9 * max(flops.values())
