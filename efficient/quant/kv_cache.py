@@ -21,7 +21,8 @@ as stored quantized when the key's group is complete at t ((s // G + 1) * G <= t
 otherwise (only keys of t's own, still open group). So token-by-token decoding, a chunked prefill and the
 simulated full forward (for perplexity) compute the same function.
 
-Cache layout of one softmax layer (a dict of arrays: a pytree that jit/scan carry), logical axes in comments:
+Cache layout of one softmax layer (a dict of arrays: a pytree that jit/scan carry); `LOGICAL_AXES` names the axes
+(`efficient.sharding` names; `layer_cache_shardings` places a cache on a mesh):
   k_codes     uint8 [B, S/G, G*bits/8, Hkv, D]   (batch, length groups, group tokens (packed), kv_heads, head_dim)
   k_scale     f32   [B, S/G, Hkv, D]             (batch, length groups, kv_heads, head_dim)
   k_zero      uint8 [B, S/G, Hkv, D]             (batch, length groups, kv_heads, head_dim)
@@ -35,13 +36,23 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 
+from efficient import sharding
 from efficient.quant import formats
 from pallas_kernels import _packing
 
 KV_FORMATS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32  # KIVI's group size for per-channel keys
-_LAYER_KEYS = ("k_codes", "k_scale", "k_zero", "k_residual", "v_codes", "v_scale", "v_zero")
+# Logical axis names of each array of a layer cache (None: an axis no rule splits, e.g. packed tokens/channels).
+_GROUPED = ("batch", "length", "kv_heads", "head_dim")
+_PER_TOKEN = ("batch", "length", "kv_heads")
+LOGICAL_AXES = {
+    "k_codes": ("batch", "length", None, "kv_heads", "head_dim"), "k_scale": _GROUPED, "k_zero": _GROUPED,
+    "k_residual": ("batch", None, "kv_heads", "head_dim"),
+    "v_codes": ("batch", "length", "kv_heads", None), "v_scale": _PER_TOKEN, "v_zero": _PER_TOKEN,
+}
+_LAYER_KEYS = tuple(LOGICAL_AXES)
 
 
 def check_format(kv_format, head_dim: int, group_size) -> None:
@@ -77,6 +88,15 @@ def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
       "v_scale": jnp.zeros(token_shape, jnp.float32),
       "v_zero": jnp.zeros(token_shape, jnp.uint8),
   }
+
+
+def layer_cache_shardings(layer_cache: dict, mesh, rules) -> dict:
+  """NamedShardings of a quantized layer cache from `LOGICAL_AXES` under sharding `rules` (a preset name or
+  rules); a dimension its mesh axis does not divide stays replicated."""
+  rules = sharding.rules_for(rules)
+  return {name: NamedSharding(mesh, sharding.logical_to_spec(LOGICAL_AXES[name], rules, shape=leaf.shape,
+                                                             mesh=mesh))
+          for name, leaf in layer_cache.items()}
 
 
 def layer_format(layer_cache) -> tuple[str, int]:
