@@ -17,6 +17,10 @@ Runtime: the default runs the 6 rows of QUICK_ROWS (about 10 min on 2 cores). `-
 37 min on the shared 2-core CPU at load ~8 (float model eval ~1.5 min per row; each GPTQ row ~5 min: the per-row
 loop costs ~1-2 ms, ~1.5 s per matrix x 210).
 
+KV rows (`--config.rows=float32,kv-int8,kv-int4,kv-int4-ktoken`; all three are in `all`): float32 + kv-int8 +
+kv-int4 with the decode timing took 37 min wall at load 12-18 (each decode timing compiles and runs 4 `generate`
+calls x (1 + timing_repeats)); `--config.decode_tokens=0` skips the timing.
+
 Group sizes: SmolLM2's q/k/v/o/gate/up contract over K = 576, which 128 does not divide, so the 4/3-bit rows
 use groups of 64 (GPTQ's usual g128 would only fit `down`).
 """
