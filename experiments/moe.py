@@ -6,7 +6,8 @@ Trains, on the same batches for the same steps: a dense Llama with MLP width F; 
 E experts of width F/k with top-k routing (so each token runs k * F/k = F hidden units: equal active MLP
 parameters and FLOPs per token, plus a D x E router); and, unless --config.dense_total=False, a dense Llama
 with MLP width E * F/k (equal TOTAL parameters, the MoE's upper reference). The MoE adds
-load_balance_weight * (Switch load-balance loss) to its cross-entropy. Reports validation loss / perplexity,
+load_balance_weight * (Switch load-balance loss) to its cross-entropy; unless --config.ablate_load_balance=False,
+the same MoE is also trained with weight 0 ('moe_no_lb') to show what the loss does to routing. Reports validation loss / perplexity,
 routing statistics (tokens per expert on validation, dropped fraction, the load-balance loss over training),
 and, with >= 8 devices, the expert-parallel check: the trained MoE's loss gradient and logits on a
 data:2,expert:4 mesh vs one device (run as a program, this module asks for 8 fake CPU devices).
@@ -14,6 +15,7 @@ Writes results.json, results.md and moe.png into --workdir.
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -53,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.log_every = 25
   config.eval_batches = 8
   config.dense_total = True     # also train the dense model with the MoE's total parameters
+  config.ablate_load_balance = True  # also train the MoE with load_balance_weight = 0 ('moe_no_lb')
   config.seed = 0
   return config
 
@@ -79,6 +82,8 @@ def build(name: str, config) -> nnx.Module:
   rngs = nnx.Rngs(config.seed)
   if name == "moe":
     return moe.moe_llama(base, moe_config, rngs=rngs)
+  if name == "moe_no_lb":
+    return moe.moe_llama(base, dataclasses.replace(moe_config, load_balance_weight=0.0), rngs=rngs)
   if name == "dense_total":
     return llama.Llama(base.replace(mlp_dim=moe_config.num_experts * moe_config.expert_dim), rngs=rngs)
   return llama.Llama(base, rngs=rngs)
@@ -191,6 +196,12 @@ def plot(workdir: str, results: dict) -> str:
   history = results["moe"]["history"]
   axes[1].plot([h["step"] for h in history], [h["load_balance_loss"] for h in history], label="load-balance loss")
   axes[1].plot([h["step"] for h in history], [h["dropped_fraction"] for h in history], label="dropped fraction")
+  if "moe_no_lb" in results:
+    off = results["moe_no_lb"]["history"]
+    axes[1].plot([h["step"] for h in off], [h["load_balance_loss"] for h in off], "C0--",
+                 label="LB loss, weight 0 (ablation)")
+    axes[1].plot([h["step"] for h in off], [h["dropped_fraction"] for h in off], "C1--",
+                 label="dropped, weight 0 (ablation)")
   axes[1].axhline(1.0, color="gray", linestyle=":", label="uniform routing (LB = 1)")
   axes[1].set(xlabel="step", title="MoE routing during training (mean over layers)")
   axes[1].legend(fontsize=8)
@@ -203,6 +214,12 @@ def plot(workdir: str, results: dict) -> str:
   for ax in axes:
     ax.grid(alpha=0.3)
   return common.save_figure(fig, workdir, "moe.png")
+
+
+def _balance(routing: dict) -> dict:
+  counts = np.asarray(routing["tokens_per_expert"], float)
+  return {"load_balance_loss": routing["load_balance_loss"], "dropped_fraction": routing["dropped_fraction"],
+          "imbalance": counts.max() / counts.mean(), "idlest": counts.min() / counts.mean()}
 
 
 def claims_for(results: dict, ep: dict, config) -> list[common.Claim]:
@@ -223,18 +240,24 @@ def claims_for(results: dict, ep: dict, config) -> list[common.Claim]:
         f"dense with equal total parameters {total['validation_loss']:.4f} vs MoE {sparse['validation_loss']:.4f}",
         "consistent" if total["validation_loss"] <= sparse["validation_loss"] else
         "not observed (MoE beat the equal-total dense model here)"))
-  routing = sparse["validation_routing"]
-  counts = np.asarray(routing["tokens_per_expert"], float)
-  imbalance = counts.max() / counts.mean()  # 1 = perfectly even; capacity_factor bounds it when dropping
-  balanced = routing["load_balance_loss"] < 1.1 and routing["dropped_fraction"] < 0.05
+  balance = {name: _balance(results[name]["validation_routing"]) for name in ("moe", "moe_no_lb")
+             if name in results}
+  describe = lambda b: (f"LB loss {b['load_balance_loss']:.3f}, busiest expert {b['imbalance']:.2f}x the mean "
+                        f"(idlest {b['idlest']:.2f}x), {100 * b['dropped_fraction']:.2f}% of (token, choice) pairs "
+                        f"dropped")
+  measured = f"weight {config.load_balance_weight}: {describe(balance['moe'])}"
+  if "moe_no_lb" in balance:
+    on, off = balance["moe"], balance["moe_no_lb"]
+    measured += f"; weight 0: {describe(off)}"
+    better = on["imbalance"] < off["imbalance"] and on["dropped_fraction"] < off["dropped_fraction"]
+    verdict = ("reproduced" if better and on["imbalance"] < 1.25 else
+               "partly (more balanced than without it, not even)" if better else "not reproduced")
+  else:
+    verdict = "n/a without the ablation (--config.ablate_load_balance)"
   claims.append(common.Claim(
-      "The load-balancing loss keeps routing balanced (LB loss → 1, busiest expert near the mean, few pairs "
-      f"dropped at capacity factor {config.capacity_factor})",
-      f"load_balance_weight {config.load_balance_weight}: validation LB loss {routing['load_balance_loss']:.3f}, "
-      f"busiest expert {imbalance:.2f}x the mean (idlest {counts.min() / counts.mean():.2f}x), dropped "
-      f"{100 * routing['dropped_fraction']:.2f}% of (token, choice) pairs",
-      "reproduced" if balanced and imbalance < 1.25 else "partly" if balanced and imbalance < 1.5 else
-      "not reproduced"))
+      "Switch/GShard: the load-balancing loss keeps routing balanced (LB loss → 1, busiest expert near the mean, "
+      f"few pairs dropped at capacity factor {config.capacity_factor}) where an unregularized router collapses",
+      measured + " (validation)", verdict))
   if "skipped" in ep:
     claims.append(common.Claim("Expert-parallel forward equals the single-device forward", ep["skipped"], "n/a"))
   else:
@@ -254,9 +277,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dataset = data.stdlib_dataset("train", batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
   validation = data.stdlib_dataset("validation", batch_size=config.batch_size, seq_len=config.seq_len,
                                    shuffle=False)
-  names = ["dense", "moe"] + (["dense_total"] if config.dense_total else [])
+  names = (["dense", "moe"] + (["moe_no_lb"] if config.ablate_load_balance else [])
+           + (["dense_total"] if config.dense_total else []))
   mlp = {"dense": moe.active_and_total_mlp_parameters(base, None),
          "moe": moe.active_and_total_mlp_parameters(base, moe_config),
+         "moe_no_lb": moe.active_and_total_mlp_parameters(base, moe_config),
          "dense_total": moe.active_and_total_mlp_parameters(
              base.replace(mlp_dim=moe_config.num_experts * moe_config.expert_dim), None)}
   results = {}

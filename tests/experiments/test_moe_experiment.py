@@ -10,7 +10,8 @@ from experiments import moe as moe_experiment
 def test_moe_experiment_on_toy_config(tmp_path):
   config = moe_experiment.default_config()
   config.update(embed_dim=32, num_layers=1, num_heads=2, mlp_dim=32, num_experts=4, steps=4, warmup_steps=1,
-                log_every=2, batch_size=2, seq_len=16, eval_batches=1, dense_total=False)
+                log_every=2, batch_size=2, seq_len=16, eval_batches=1, dense_total=False,
+                ablate_load_balance=False)
   out = moe_experiment.run(config, str(tmp_path))
   for name in ("results.json", "results.md", "moe.png"):
     assert (tmp_path / name).exists(), name
