@@ -145,8 +145,8 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
 
   Grid (N blocks, M blocks), N outer: each packed weight tile, scale and zero tile is fetched once; x is
   fetched once when M is a single block, else once per (N, M) step -- or, when that moves fewer bytes
-  (prefill), M outer: x fetched once, the weights once per M block (`tpu.weights_outer`). Counted too: the XLA transpose of x into
-  group-major form (groups not a multiple of 128 wide) or its padding copy (ragged M), padding copies of the
+  (prefill), M outer: x fetched once, the weights once per M block (`tpu.weights_outer`). Counted too: the
+  padding copy of x (ragged M), padding copies of the
   weights when N is ragged for the block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
   second-level scales), x once and writes the output once. `scale_dtype` defaults to bf16 per group, f32 per
   channel, int8 codes for double-quantized NF4.
@@ -168,11 +168,14 @@ def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_poi
   else:
     moved = x_bytes + weight_bytes * (m_blocks if n_blocks > 1 else 1)
   moved += second_level + padded_m * padded_n * out_item
-  if tpu.needs_group_major(k, groups) or padded_m != m:
-    moved += (m + padded_m) * k * x_item               # XLA: read x, write the padded (group-major) copy
+  if padded_m != m:
+    moved += (m + padded_m) * k * x_item               # XLA: read x, write the padded copy
   if padded_n != n:
     moved += per_column * (n + padded_n)               # XLA: padding copies of w, scale, zero
   if padded_m != m or padded_n != n:
     moved += 2 * m * n * out_item                      # XLA: slice of the padded output
-  flops = 2 * padded_m * padded_n * k + 2 * groups * padded_m * padded_n
+  if tpu.scales_partial_sums(k, groups):
+    flops = 2 * padded_m * padded_n * k + 2 * groups * padded_m * padded_n
+  else:  # the decoded tile is scaled (and shifted by its zero points) once per M block
+    flops = 2 * padded_m * padded_n * k + (1 + int(zero_point)) * k * padded_n * (padded_m // block_m)
   return {"flops": flops, "hbm_bytes": moved, "ideal_bytes": ideal}

@@ -8,13 +8,16 @@ spans the whole K: the planar layout (see `_packing`) puts rows i and i + K/2 in
 packed rows is not a contiguous K range -- whole-K tiles keep the unpack to two shift/mask ops and one aligned
 sublane concatenation.
 
-Group scales are applied to partial sums (MixPE): x is cut into groups x_g [G, bm, K/G] -- by aligned lane
-slices in-kernel when K/G is a multiple of 128 (per channel, g128), else by an XLA transpose to group-major
-before the call (g64 at K = 576; cheap at decode, counted by the cost model) -- and the decoded tile is viewed
-as [G, K/G, bn] (a sublane split); one batched dot gives p_g = x_g . q_g in f32 and out = sum_g s_g * p_g --
+When groups are whole 128-lane runs of K (per channel, g128), group scales are applied to partial sums
+(MixPE): x is cut into groups x_g [G, bm, K/G] by aligned lane slices, the decoded tile is viewed as
+[G, K/G, bn] (a sublane split); one batched dot gives p_g = x_g . q_g in f32 and out = sum_g s_g * p_g --
 exact, because the scale is constant within a group -- or, with zero points,
 out = sum_g s_g * (p_g - z_g * rowsum(x_g)), also exact. So the per-element work on the [K, bn] tile is only
 the unpack/decode and a cast; scales touch [G, bm, bn] values instead of [K, bn].
+Narrower groups (g64 at K = 576 or 1536) would need x split inside a 128-lane vreg or copied to group-major
+order by XLA (an extra read + write of x in HBM, 18% over the ideal bytes at decode with K = 1536); instead the
+decoded tile itself is scaled per group in VMEM ([G, K/G, bn] sublane view, (q - z) * s) and x [bm, K] meets
+it in one dot: one more multiply per weight element on the VPU, no HBM traffic beyond the ideal.
 
 VMEM: the decode temporaries are ~14 bytes per weight element of the tile (int32 codes, f32 values, the operand
 cast), e.g. ~8 MiB at K = 576, bn = 512 and ~12 MiB at K = 1536, bn = 576 (the down projection's whole-N
@@ -94,36 +97,32 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, double_qua
   dq_ref, offset_ref = refs[has_zero:has_zero + 2] if double_quant else (None, None)
   out_ref = refs[-1]
   groups = scale_ref.shape[0]
-  if len(x_ref.shape) == 3:  # group-major from the wrapper
-    x = x_ref[...]
-  else:  # [bm, K] with 128-aligned groups: slice the lanes per group here, no HBM transpose
-    group = x_ref.shape[1] // groups
-    x = jnp.stack([x_ref[:, g * group:(g + 1) * group] for g in range(groups)])
-  group = x.shape[2]
-  # Decode the whole-K tile: unpack (shifts/masks), offset or look up, cast to the MXU operand dtype.
-  values = reference.weight_values(w_ref[...], fmt, zero_ref)
-  values = values.reshape(groups, group, values.shape[-1]).astype(x.dtype)  # f32 sublane split: group % 8 == 0
-  partial = jnp.einsum("gmk,gkn->gmn", x, values, preferred_element_type=jnp.float32)  # [G, bm, bn]
-  if zero_ref is not None:
-    rowsum = jnp.sum(x.astype(jnp.float32), axis=2, keepdims=True)                   # [G, bm, 1]
-    partial = partial - zero_ref[...].astype(jnp.float32)[:, None, :] * rowsum
+  k = x_ref.shape[1]
+  group = k // groups
   if double_quant:
     scale = _tile_absmax(scale_ref[...], dq_ref, offset_ref, block_n=block_n, n_axis=n_axis)
   else:
-    scale = scale_ref[...].astype(jnp.float32)
+    scale = scale_ref[...].astype(jnp.float32)                                          # [G, bn]
+  zero = None if zero_ref is None else zero_ref[...].astype(jnp.float32)[:, None, :]    # [G, 1, bn]
+  # Decode the whole-K tile: unpack (shifts/masks), offset or look up; f32 sublane split (group % 8 == 0).
+  values = reference.weight_values(w_ref[...], fmt, zero_ref)
+  values = values.reshape(groups, group, values.shape[-1])
+  if not scales_partial_sums(k, groups):  # groups inside a vreg's 128 lanes: scale the tile, one dot
+    values = (values if zero is None else values - zero) * scale[:, None, :]
+    out_ref[...] = jnp.dot(x_ref[...], values.reshape(k, -1).astype(x_ref.dtype),
+                           preferred_element_type=jnp.float32).astype(out_ref.dtype)
+    return
+  x = jnp.stack([x_ref[:, g * group:(g + 1) * group] for g in range(groups)])  # aligned lane slices
+  partial = jnp.einsum("gmk,gkn->gmn", x, values.astype(x.dtype), preferred_element_type=jnp.float32)
+  if zero is not None:
+    partial = partial - zero * jnp.sum(x.astype(jnp.float32), axis=2, keepdims=True)  # z_g * rowsum(x_g)
   out_ref[...] = jnp.sum(partial * scale[:, None, :], axis=0).astype(out_ref.dtype)
 
 
-def needs_group_major(k: int, groups: int) -> bool:
-  """Whether x must be transposed to group-major by XLA: only when groups are not whole 128-lane runs."""
-  return groups > 1 and (k // groups) % 128 != 0
-
-
-def group_major(x, groups: int, padded_m: int):
-  """x [M, K] -> [G, padded M, K/G]: each group's K slice a contiguous [M, K/G] slab (lane dim = K/G)."""
-  m, k = x.shape
-  x = _util.pad_to(x, (padded_m, k))
-  return x.reshape(padded_m, groups, k // groups).transpose(1, 0, 2)
+def scales_partial_sums(k: int, groups: int) -> bool:
+  """Whether the kernel scales partial sums per group (groups are whole 128-lane runs, or one group) rather
+  than the decoded weight tile."""
+  return groups == 1 or (k // groups) % 128 == 0
 
 
 def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset=None, *, fmt: str,
@@ -140,14 +139,8 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
   n_outer = weights_outer(m_blocks, n_blocks, weight_bytes, padded_m * k * x.dtype.itemsize)
   tile = (lambda a, b: (b, a)) if n_outer else (lambda a, b: (a, b))  # grid step -> (M tile i, N tile j)
   column = lambda rows: pl.BlockSpec((rows, block_n), lambda a, b: (0, tile(a, b)[1]))  # whole rows, N tile
-  if needs_group_major(k, groups):
-    x_operand, x_spec = (group_major(x, groups, padded_m),
-                         pl.BlockSpec((groups, block_m, k // groups), lambda a, b: (0, tile(a, b)[0], 0)))
-  else:
-    x_operand, x_spec = (_util.pad_to(x, (padded_m, k)),
-                         pl.BlockSpec((block_m, k), lambda a, b: (tile(a, b)[0], 0)))
-  operands = [x_operand, _util.pad_to(w, (w.shape[0], padded_n)), _util.pad_to(scale, (groups, padded_n))]
-  in_specs = [x_spec, column(w.shape[0]), column(groups)]
+  operands = [_util.pad_to(x, (padded_m, k)), _util.pad_to(w, (w.shape[0], padded_n)), _util.pad_to(scale, (groups, padded_n))]
+  in_specs = [pl.BlockSpec((block_m, k), lambda a, b: (tile(a, b)[0], 0)), column(w.shape[0]), column(groups)]
   if zero_point is not None:
     operands.append(_util.pad_to(zero_point, (groups, padded_n)))
     in_specs.append(column(groups))
