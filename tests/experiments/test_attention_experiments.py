@@ -52,6 +52,7 @@ def test_slope_of_power_law():
 
 def test_mqar_verdicts_need_a_trained_softmax():
   config = mqar.default_config()
+  config.num_kv_pairs = 8  # the plateau case below: 12% = 1/K
   make = lambda acc, state: {"accuracy": acc, "state_bytes": state}
   trained = {"softmax": make(0.99, 10), "window (w=8)": make(0.2, 1), "linear (Taylor, d_f=16)": make(0.4, 5),
              "Based (d_f=4, w=8)": make(0.8, 2), "Based (d_f=16, w=8)": make(0.9, 6)}
