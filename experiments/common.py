@@ -111,6 +111,19 @@ def _json_default(value):
   return str(value)
 
 
+def config_list(config, name: str, cast: Callable[[str], Any] = str) -> list:
+  """`--config.<name>`, a comma-separated list, as a list of `cast(item)` (blank items dropped); a value that is
+  empty or does not parse raises a ValueError naming the flag."""
+  text = str(config[name])
+  try:
+    values = [cast(item.strip()) for item in text.split(",") if item.strip()]
+  except ValueError as e:
+    raise ValueError(f"--config.{name}={text!r}: {e}; expected a comma-separated list of {cast.__name__}.") from e
+  if not values:
+    raise ValueError(f"--config.{name} is empty; expected a comma-separated list of {cast.__name__}.")
+  return values
+
+
 def save_figure(fig, workdir: str, filename: str, *, dpi: int = 120) -> str:
   """Lays out `fig`, writes it to workdir/filename, closes it and returns the path."""
   import matplotlib.pyplot as plt

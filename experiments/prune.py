@@ -140,7 +140,7 @@ def _quantized_nm_row(graphdef, pruned_state, report, pattern, config, eval_batc
 def _quantizers(config, pattern, hessians) -> list[str]:
   if "nm" not in pattern or not config.quantize_nm:
     return []
-  chosen = [q.strip() for q in config.quantize_nm_methods.split(",") if q.strip()]
+  chosen = common.config_list(config, "quantize_nm_methods")
   if unknown := [q for q in chosen if q not in ("rtn", "gptq")]:
     raise ValueError(f"--config.quantize_nm_methods: unknown {unknown}; choose from ['rtn', 'gptq'].")
   return [q for q in chosen if q == "rtn" or hessians is not None]  # GPTQ needs the calibration Hessians

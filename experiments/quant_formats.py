@@ -58,30 +58,27 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _floats(text: str, name: str) -> list[float]:
-  try:
-    values = [float(v) for v in text.split(",") if v.strip()]
-  except ValueError as e:
-    raise ValueError(f"--config.{name}={text!r} must be comma-separated numbers.") from e
+def _floats(config, name: str) -> list[float]:
+  values = common.config_list(config, name, float)
   if any(v <= 0 for v in values):
-    raise ValueError(f"--config.{name}={text!r} must hold positive numbers.")
+    raise ValueError(f"--config.{name}={config[name]!r} must hold positive numbers.")
   return values
 
 
 def synthetic_tensors(config) -> dict[str, np.ndarray]:
   """Gaussian -> Student-t (decreasing ν) -> Gaussian with a fraction of entries replaced by outliers of up to
   ±mσ, all [rows, cols] f32."""
-  fractions = _floats(config.outlier_fractions, "outlier_fractions")
+  fractions = _floats(config, "outlier_fractions")
   if any(f >= 1 for f in fractions):
     raise ValueError(f"--config.outlier_fractions={config.outlier_fractions!r} must hold fractions in (0, 1).")
   rng = np.random.default_rng(config.seed)
   shape = (config.rows, config.cols)
   tensors = {"gaussian": rng.standard_normal(shape)}
-  for nu in _floats(config.student_t_nus, "student_t_nus"):
+  for nu in _floats(config, "student_t_nus"):
     tensors[f"student-t ν={nu:g}"] = rng.standard_t(nu, shape)
   for fraction in fractions:
     count = max(1, int(round(fraction * np.prod(shape))))
-    for sigmas in _floats(config.outlier_sigmas, "outlier_sigmas"):
+    for sigmas in _floats(config, "outlier_sigmas"):
       x = rng.standard_normal(shape)
       where = rng.choice(x.size, count, replace=False)
       # Magnitudes uniform in (m/2, m] sigma: identical magnitudes would all land exactly on the absmax code.

@@ -60,19 +60,14 @@ def default_config() -> ml_collections.ConfigDict:
   return config
 
 
-def _ints(text: str, name: str) -> list[int]:
-  parts = [part.strip() for part in str(text).split(",") if part.strip()]
-  if not parts or not all(part.isdigit() for part in parts):
-    raise ValueError(f"--config.{name}={text!r} must be a comma-separated list of non-negative integers.")
-  return [int(part) for part in parts]
-
-
 def parse(config) -> tuple[list[int], list[str], list[int]]:
-  widths, seeds = _ints(config.widths, "widths"), _ints(config.seeds, "seeds")
+  widths, seeds = common.config_list(config, "widths", int), common.config_list(config, "seeds", int)
+  if any(seed < 0 for seed in seeds):
+    raise ValueError(f"--config.seeds={config.seeds!r} must be non-negative integers.")
   if any(w < 1 for w in widths) or 1 not in widths:
     raise ValueError(f"--config.widths={config.widths!r} must be positive and include 1 (the dense baseline).")
-  methods = [m.strip() for m in str(config.methods).split(",") if m.strip()]
-  if not methods or any(m not in ("static", "rigl") for m in methods):
+  methods = common.config_list(config, "methods")
+  if any(m not in ("static", "rigl") for m in methods):
     raise ValueError(f"--config.methods={config.methods!r} must list 'static' and/or 'rigl'.")
   return widths, methods, seeds
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import sparse_iso_flop
+from experiments import common, sparse_iso_flop
 
 
 def _config():
@@ -45,3 +45,14 @@ def test_bad_widths_are_refused(tmp_path):
   config.widths = "2,4"
   with pytest.raises(ValueError, match=r"--config.widths='2,4' must be positive and include 1"):
     sparse_iso_flop.run(config, str(tmp_path))
+
+
+def test_config_lists_parse_and_name_the_flag():
+  config = sparse_iso_flop.default_config()
+  config.update(widths=" 1, 2,,4 ", seeds="0,x")
+  assert common.config_list(config, "widths", int) == [1, 2, 4]
+  with pytest.raises(ValueError, match=r"--config.seeds='0,x': .* comma-separated list of int"):
+    common.config_list(config, "seeds", int)
+  config.seeds = " , "
+  with pytest.raises(ValueError, match=r"--config.seeds is empty"):
+    common.config_list(config, "seeds", int)
