@@ -7,7 +7,6 @@ ring buffer of the last `w` keys and values, so its memory stays constant in the
 """
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 from efficient.models import llama
@@ -39,7 +38,7 @@ def softmax_attention_fn(sliding_window: int | None = None, implementation: str 
   _check_window(sliding_window)
 
   def attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
-    batch, q_len, num_heads, head_dim = q.shape
+    q_len, num_heads = q.shape[1], q.shape[2]
     num_kv_heads = k.shape[2]
     if num_heads % num_kv_heads:
       raise ValueError(f"num_heads: q has H={num_heads} heads, not a multiple of k/v's H_kv={num_kv_heads}.")
@@ -47,13 +46,8 @@ def softmax_attention_fn(sliding_window: int | None = None, implementation: str 
       segment_ids = None if q_segment_ids is None else (q_segment_ids, kv_segment_ids)
       return flash_attention(q, k, v, causal=True, sliding_window=sliding_window, segment_ids=segment_ids,
                              implementation=implementation)
-    q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-    mask = window_mask(q_positions, kv_positions, sliding_window, q_segment_ids, kv_segment_ids)[:, None, None]
-    probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-    probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)  # a query that sees nothing outputs zeros
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-    return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+    mask = window_mask(q_positions, kv_positions, sliding_window, q_segment_ids, kv_segment_ids)
+    return llama.attend_with_logits(llama.gqa_logits(q, k), v, mask, q.dtype)
 
   return attention
 

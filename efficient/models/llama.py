@@ -126,17 +126,27 @@ def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids
 
 def softmax_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
   """Reference GQA softmax attention, f32 logits and softmax; the default `AttentionFn`."""
+  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  return attend_with_logits(gqa_logits(q, k), v, mask, q.dtype)
+
+
+def gqa_logits(q, k):
+  """Scaled f32 logits [B, H_kv, H/H_kv, T, S] of q [B, T, H, D] against k [B, S, H_kv, D] (GQA groups)."""
   batch, q_len, num_heads, head_dim = q.shape
   num_kv_heads = k.shape[2]
   q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+
+
+def attend_with_logits(logits, v, mask, dtype):
+  """Masked softmax of `gqa_logits` [B, H_kv, G, T, S] and its average of v [B, S, H_kv, D] -> [B, T, H, D]."""
+  batch, num_kv_heads, group, q_len, _ = logits.shape
   logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
   probs = jax.nn.softmax(logits, axis=-1)
   # A query whose every key is masked (padding) gets zeros rather than NaN.
   probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
   out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+  return out.reshape(batch, q_len, num_kv_heads * group, v.shape[-1]).astype(dtype)
 
 
 def rope(x, positions, theta: float):

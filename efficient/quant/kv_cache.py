@@ -163,21 +163,11 @@ def attend(q, k_quantized, k_float, v, *, q_slots, group_size: int, q_positions,
            kv_segment_ids=None):
   """GQA softmax attention (f32 logits) whose key at slot s is `k_quantized[s]` for queries that see its group
   complete and `k_float[s]` otherwise; masks as `llama.attention_mask` (positions, segments)."""
-  from efficient.models.llama import attention_mask
-  batch, q_len, num_heads, head_dim = q.shape
-  num_kv_heads = k_quantized.shape[2]
-  q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-
-  def logits_with(keys):
-    return jnp.einsum("btkgd,bskd->bkgts", q, keys.astype(q.dtype), preferred_element_type=jnp.float32)
-
+  from efficient.models.llama import attend_with_logits, attention_mask, gqa_logits
   complete = group_complete(q_slots, jnp.arange(k_quantized.shape[1]), group_size)
-  logits = jnp.where(complete, logits_with(k_quantized), logits_with(k_float)) * head_dim**-0.5
-  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)[:, None, None]
-  probs = jax.nn.softmax(jnp.where(mask, logits, -jnp.inf), axis=-1)
-  probs = jnp.where(mask.any(-1, keepdims=True), probs, 0.0)  # a padding query that sees nothing outputs zeros
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(q.dtype), v.astype(q.dtype), preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, num_heads, head_dim).astype(q.dtype)
+  logits = jnp.where(complete, gqa_logits(q, k_quantized.astype(q.dtype)), gqa_logits(q, k_float.astype(q.dtype)))
+  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  return attend_with_logits(logits, v.astype(q.dtype), mask, q.dtype)
 
 
 def update_and_attend(layer_cache: dict, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
