@@ -137,10 +137,10 @@ def kernel_cost_of_forward(config, batch: int, seq_len: int, *, dtype=None) -> d
   by_kernel: dict[str, dict] = {}
   for name, (k, n) in projections.items():
     by_kernel[name] = {}
-    _add(by_kernel[name], _matmul_op.cost(tokens, k, n, dtype), layers)
-  by_kernel["lm_head"] = dict(_matmul_op.cost(tokens, c.embed_dim, c.vocab_size, dtype))
+    _add(by_kernel[name], _matmul_op.cost((tokens, k), (k, n), dtype=dtype), layers)
+  by_kernel["lm_head"] = dict(_matmul_op.cost((tokens, c.embed_dim), (c.embed_dim, c.vocab_size), dtype=dtype))
   by_kernel["rms_norm"] = {}
-  _add(by_kernel["rms_norm"], _rms_norm_op.cost((batch, seq_len, c.embed_dim), dtype), 2 * layers + 1)
+  _add(by_kernel["rms_norm"], _rms_norm_op.cost((batch, seq_len, c.embed_dim), dtype=dtype), 2 * layers + 1)
   attention_flops = 2 * 2 * batch * c.num_heads * seq_len * seq_len * c.head_dim
   qkvo_elements = tokens * c.head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
   attention_bytes = qkvo_elements * dtype.itemsize

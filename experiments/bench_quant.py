@@ -31,7 +31,7 @@ from efficient import quant
 from experiments import common
 from pallas_kernels.int8_matmul import dynamic_int8_matmul, int8_matmul, quantize_activations
 from pallas_kernels.matmul import cost as dense_cost
-from pallas_kernels.quant_matmul import cost as quant_matmul_cost
+from pallas_kernels.quant_matmul import BITS as QUANT_BITS, cost as quant_matmul_cost
 from pallas_kernels.quant_matmul import tpu as quant_matmul_tpu
 
 # SmolLM2-135M's projection matrices [K, N] and how many of each the 30 blocks hold.
@@ -209,8 +209,9 @@ def decode_traffic(ms, kns) -> list[dict]:
         continue
       groups = 1 if group is None else k // group
       for m in ms:
-        modeled = quant_matmul_cost(m, k, n, fmt, jnp.bfloat16, groups=groups, double_quant=double_quant)
-        bf16 = dense_cost(m, k, n, jnp.bfloat16)
+        modeled = quant_matmul_cost((m, k), (k * QUANT_BITS[fmt] // 8, n), (groups, n), fmt=fmt, dtype=jnp.bfloat16,
+                                    scale_scale=double_quant)
+        bf16 = dense_cost((m, k), (k, n), dtype=jnp.bfloat16)
         rows.append({"format": name, "m": m, "k": k, "n": n, "modeled": modeled, "bf16": bf16,
                      "group_size": group, "x_bytes": m * k * 2,
                      "scales_partial_sums": quant_matmul_tpu.scales_partial_sums(k, groups),

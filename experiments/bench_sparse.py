@@ -54,7 +54,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rng = np.random.default_rng(config.seed)
   x = jnp.asarray(rng.standard_normal((m, k)), dtype)
   w_dense = rng.standard_normal((k, n)).astype(np.float32)
-  dense_model = dense_cost(m, k, n, dtype)
+  dense_model = dense_cost((m, k), (k, n), dtype=dtype)
   dense_fn = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
   rows = {}
   started = time.perf_counter()
@@ -66,8 +66,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     error = float(jnp.max(jnp.abs(sparse_fn(x, w) - dense_fn(x, w_masked))))
     timings = common.time_side_by_side({"dense": lambda: dense_fn(x, w_masked), "block_sparse": lambda: sparse_fn(x, w)},
                                        repeats=config.repeats)
-    modeled = block_sparse_cost(m, k, n, nnz_blocks=w.nnz_blocks, block_shape=(block, block), dtype=dtype,
-                       max_blocks_per_col=int(w.col_slots.shape[1]))
+    modeled = block_sparse_cost((m, k), w.shape, dtype=dtype, nnz_blocks=w.nnz_blocks, block_shape=w.block_shape,
+                                max_blocks_per_col=int(w.col_slots.shape[1]))
     rows[f"{density:.2f}"] = {
         "density": w.density, "nnz_blocks": w.nnz_blocks, "max_blocks_per_col": int(w.col_slots.shape[1]),
         "modeled": modeled, "modeled_dense": dense_model, "stored_bytes": w.nbytes(),

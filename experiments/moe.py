@@ -27,6 +27,7 @@ from flax import nnx
 
 from efficient import data, measure, sharding
 from efficient.models import llama
+from efficient.models import moe as moe_models
 from efficient.sparse import moe
 from efficient.train import TrainConfig, make_optimizer, masked_cross_entropy
 from experiments import common
@@ -81,9 +82,9 @@ def build(name: str, config) -> nnx.Module:
   base, moe_config = configs(config)
   rngs = nnx.Rngs(config.seed)
   if name == "moe":
-    return moe.moe_llama(base, moe_config, rngs=rngs)
+    return moe_models.moe_llama(base, moe_config, rngs=rngs)
   if name == "moe_no_lb":
-    return moe.moe_llama(base, dataclasses.replace(moe_config, load_balance_weight=0.0), rngs=rngs)
+    return moe_models.moe_llama(base, dataclasses.replace(moe_config, load_balance_weight=0.0), rngs=rngs)
   if name == "dense_total":
     return llama.Llama(base.replace(mlp_dim=moe_config.num_experts * moe_config.expert_dim), rngs=rngs)
   return llama.Llama(base, rngs=rngs)
@@ -279,10 +280,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                    shuffle=False)
   names = (["dense", "moe"] + (["moe_no_lb"] if config.ablate_load_balance else [])
            + (["dense_total"] if config.dense_total else []))
-  mlp = {"dense": moe.active_and_total_mlp_parameters(base, None),
-         "moe": moe.active_and_total_mlp_parameters(base, moe_config),
-         "moe_no_lb": moe.active_and_total_mlp_parameters(base, moe_config),
-         "dense_total": moe.active_and_total_mlp_parameters(
+  mlp = {"dense": moe_models.active_and_total_mlp_parameters(base, None),
+         "moe": moe_models.active_and_total_mlp_parameters(base, moe_config),
+         "moe_no_lb": moe_models.active_and_total_mlp_parameters(base, moe_config),
+         "dense_total": moe_models.active_and_total_mlp_parameters(
              base.replace(mlp_dim=moe_config.num_experts * moe_config.expert_dim), None)}
   results = {}
   started = time.perf_counter()

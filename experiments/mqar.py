@@ -84,7 +84,7 @@ def model_configs(config) -> dict[str, llama.LlamaConfig]:
 
 def state_bytes(model_config: llama.LlamaConfig, seq_len: int) -> int:
   """Decoding-state bytes (batch 1, f32) summed over layers after `seq_len` tokens."""
-  return sum(layer_state_bytes(kind, model_config, seq_len) for kind in model_config.layer_kinds())
+  return sum(layer_state_bytes(kind, model_config.mixer_spec(), seq_len) for kind in model_config.layer_kinds())
 
 
 def train_one(model_config, dataset, eval_dataset, config) -> dict:
@@ -248,16 +248,6 @@ def report(config, workdir: str, results: dict, coverage: float, wall: float) ->
                        claims=claims, plots=[plot_path], notes=notes,
                        tables={"Recall vs state": (("model", "accuracy %", "eval loss", "state bytes",
                                                     "parameters", "train s"), rows)})
-
-
-def rerender(workdir: str) -> None:
-  """Rewrites results.md / the plot of an earlier run from its results.json (no training)."""
-  import json
-  with open(os.path.join(workdir, "results.json")) as f:
-    saved = json.load(f)
-  config = ml_collections.ConfigDict(saved["config"])
-  results = saved["results"]
-  report(config, workdir, results["models"], results["window_coverage"], results["wall_seconds"])
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:

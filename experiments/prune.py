@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.model = "smollm2-135m"
   config.methods = "magnitude,wanda,sparsegpt"
   config.patterns = "50%,2:4"          # '<p>%' unstructured, or 'n:m'
-  config.rule = r"^blocks/\d+/(attention|mlp)/"  # which projections are pruned
+  config.rule = r"blocks/\d+/(attention|mlp)/.*"  # which projections are pruned (full match on the path)
   config.calibration_batches = 8        # of calibration_batch_size x seq_len tokens from the train split
   config.calibration_batch_size = 4
   config.seq_len = 256

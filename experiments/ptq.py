@@ -40,7 +40,7 @@ from efficient.models import llama
 from efficient.quant import QuantConfig, kv_cache
 from experiments import common
 
-SMOOTHABLE = r"attention/(q|k|v)$|mlp/(gate|up)$"
+SMOOTHABLE = r".*/(attention/(q|k|v)|mlp/(gate|up))"  # full match on the path
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -204,7 +204,8 @@ def kv_bytes(model_config, row: KVRow | None, config) -> dict:
   elif row.key_granularity == "token":
     shape = jax.ShapeDtypeStruct((1, length, model_config.num_kv_heads, model_config.head_dim), jnp.float32)
     stored = jax.eval_shape(lambda x: kv_cache.quantize_values(x, row.kv_format), shape)
-    quantized = 2 * model_config.num_layers * sum(a.size * a.dtype.itemsize for a in stored) / length
+    stored_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(stored))  # a QArray's arrays
+    quantized = 2 * model_config.num_layers * stored_bytes / length
   else:
     quantized = measure(kv_format=row.kv_format, kv_group_size=config.kv_group_size)
   return {"kv_bytes_per_token": quantized, "kv_ratio": quantized / float_bytes, "kv_bytes_len": length}

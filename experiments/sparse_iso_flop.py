@@ -31,7 +31,7 @@ from efficient.models import llama
 from efficient.sparse import training as sparse_training
 from experiments import common
 
-_MLP = r"mlp/(gate|up|down)$"
+_MLP = r".*/mlp/(gate|up|down)"  # full match on the path
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,7 +96,7 @@ def forward_flops_per_token(model_config: llama.LlamaConfig, densities: dict[str
   model = nnx.eval_shape(lambda: llama.Llama(c, rngs=nnx.Rngs(0)))
   projections = {path: 2 * densities.get(path, 1.0) * float(np.prod(module.kernel.shape))
                  for path, module in calibration.einsum_modules(model).items()}
-  mlp = sum(f for path, f in projections.items() if re.search(_MLP, path))
+  mlp = sum(f for path, f in projections.items() if re.fullmatch(_MLP, path))
   attention = c.num_layers * 4 * c.num_heads * c.head_dim * (seq_len + 1) / 2  # scores + values, mean causal keys
   head = 2 * c.embed_dim * c.vocab_size
   total = sum(projections.values()) + attention + head

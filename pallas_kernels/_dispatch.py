@@ -1,12 +1,29 @@
 """Implementation selection shared by every op in `pallas_kernels`.
 
-`implementation=None` picks by `jax.default_backend()`; an explicit name is honoured or refused with a
-`ValueError` that lists the choices -- never a silent fallback when a user asked for a kernel.
+Every op takes `implementation=None` or one of `ALL_IMPLEMENTATIONS` (those it has are its `IMPLEMENTATIONS`):
+- an explicit name is honoured or refused with a `ValueError` that lists the op's choices;
+- `None` means "best for this backend" (`jax.default_backend()`: the Pallas kernel on TPU / GPU, the XLA path or
+  the reference on CPU), unless a policy is active:
+
+    with pallas_kernels.implementation("interpret_tpu"):
+      y = model(x)          # every op called with implementation=None runs its TPU kernel in interpret mode
+
+A policy names one implementation for every op called inside it (an explicit `implementation=` argument still
+wins). An op that lacks the named kernel ('pallas_*', 'interpret_*') raises -- never a silent fallback when a
+kernel was asked for. A policy of 'xla' runs the 'reference' of ops without a separate XLA path: for those ops
+the reference IS their plain-jnp XLA path ('xla' is only listed where an op has an optimized one, see
+DESIGN.md). 'pallas_tpu' / 'pallas_gpu' need their backend, from a policy as from an argument.
+
+The policy is a `jax.make_user_context`: thread-local, nestable, and part of jax's jit cache key, so a function
+jitted outside a policy is traced again inside one instead of silently keeping the implementations it was traced
+with (ops choose at trace time).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
-from typing import Callable, Mapping, Sequence
+from types import ModuleType
+from typing import Iterator, Sequence
 
 import jax
 
@@ -19,25 +36,60 @@ _DEFAULT_ORDER = {
     "gpu": ("pallas_gpu", "xla", "reference"),
     "cpu": ("xla", "reference"),
 }
+_POLICY = jax.make_user_context(default_value=None)
+
+
+@contextlib.contextmanager
+def implementation(name: str | None) -> Iterator[None]:
+  """Within the block, ops called with `implementation=None` run `name` (None: best for the backend again).
+
+  Nestable; the previous policy is restored on exit. Raises a `ValueError` for a name outside
+  `ALL_IMPLEMENTATIONS`; see the module docstring for ops that lack the named implementation.
+  """
+  if name is not None and name not in ALL_IMPLEMENTATIONS:
+    raise ValueError(f"implementation={name!r} is unknown; choose one of {ALL_IMPLEMENTATIONS} (or None).")
+  with _POLICY(name):
+    yield
+
+
+def current_implementation() -> str | None:
+  """The name of the active `implementation(...)` policy, or None when ops pick by backend."""
+  return _POLICY.value
 
 
 def choose(implementation: str | None, available: Sequence[str], *, op: str = "op") -> str:
-  """Returns the implementation to run, or raises a `ValueError` naming the choices."""
+  """Returns the implementation to run, or raises a `ValueError` naming the choices.
+
+  `implementation` (the op's argument) wins; when it is None the active policy decides, else the backend.
+  """
   available = tuple(available)
   backend = jax.default_backend()
-  if implementation is None:
+  if implementation is not None:
+    if implementation not in ALL_IMPLEMENTATIONS or implementation not in available:
+      raise ValueError(f"{op}: unknown implementation={implementation!r}; choose one of {available} (or None).")
+    return _check_backend(implementation, available, backend, op=op, source=f"implementation={implementation!r}")
+  policy = current_implementation()
+  if policy is None:
     for name in _DEFAULT_ORDER.get(backend, ("xla", "reference")):
       if name in available:
         return name
     raise ValueError(f"{op}: no implementation runs on backend {backend!r}; it has {available}.")
-  if implementation not in ALL_IMPLEMENTATIONS or implementation not in available:
-    raise ValueError(f"{op}: unknown implementation={implementation!r}; choose one of {available} (or None).")
-  needed = _NEEDS_BACKEND.get(implementation)
+  source = f"the policy pallas_kernels.implementation({policy!r})"
+  if policy == "xla" and policy not in available:
+    return "reference"  # this op has no separate XLA path: its reference is the plain-jnp one
+  if policy not in available:
+    raise ValueError(f"{op}: {source} names a kernel this op does not have; it has {available}. Pass "
+                     f"implementation= to this op explicitly, or use another policy.")
+  return _check_backend(policy, available, backend, op=op, source=source)
+
+
+def _check_backend(name: str, available: tuple[str, ...], backend: str, *, op: str, source: str) -> str:
+  needed = _NEEDS_BACKEND.get(name)
   if needed is not None and backend != needed:
     runnable = cpu_runnable(available) if backend == "cpu" else available
-    raise ValueError(f"{op}: implementation={implementation!r} needs a {needed!r} backend but jax's default "
-                     f"backend is {backend!r}; runnable here: {runnable}.")
-  return implementation
+    raise ValueError(f"{op}: {source} needs a {needed!r} backend but jax's default backend is {backend!r}; "
+                     f"runnable here: {runnable}.")
+  return name
 
 
 def cpu_runnable(available: Sequence[str]) -> tuple[str, ...]:
@@ -45,9 +97,10 @@ def cpu_runnable(available: Sequence[str]) -> tuple[str, ...]:
   return tuple(name for name in available if name not in _NEEDS_BACKEND)
 
 
-def run(impls: Mapping[str, Callable], implementation: str | None, *args, op: str = "op", **kwargs):
-  """Chooses among `impls` (name -> callable) and calls the chosen one."""
-  return impls[choose(implementation, tuple(impls), op=op)](*args, **kwargs)
+def kernel_modules(*, tpu: ModuleType, gpu: ModuleType) -> dict[str, ModuleType]:
+  """An op's implementation -> kernel module table: the compiled and interpreted modes of a platform run the
+  same kernel module (only `interpret_params` differs)."""
+  return {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
 
 
 def interpret_params(implementation: str):

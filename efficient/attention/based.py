@@ -1,5 +1,5 @@
 """`Based` (Arora et al. 2024): Taylor linear attention on a small feature dimension + sliding-window softmax
-attention + a short depthwise causal convolution, as one Llama token mixer.
+attention + a short depthwise causal convolution, as one token mixer.
 
     u = causal_depthwise_conv(x)                     (kernel `conv_size`, initialized to the identity)
     out = LinearAttention_taylor(u) + WindowAttention(u)
@@ -18,7 +18,8 @@ from flax import nnx
 
 from efficient.attention.linear import LinearAttention, LinearAttentionConfig, init_linear_cache, state_bytes
 from efficient.attention.softmax import WindowAttention, init_window_cache
-from efficient.models import llama
+from efficient import nn
+from efficient.attention.core import MixerSpec
 
 
 def _taylor16() -> LinearAttentionConfig:
@@ -31,7 +32,7 @@ class BasedConfig:
   convolution's taps (0 or 1 disables mixing across tokens); window_implementation: see softmax_attention_fn."""
   linear: LinearAttentionConfig = dataclasses.field(default_factory=_taylor16)
   conv_size: int = 3
-  window_implementation: str | None = "reference"
+  window_implementation: str | None = None
 
   def __post_init__(self):
     if not isinstance(self.conv_size, int) or self.conv_size < 1:
@@ -62,20 +63,20 @@ def causal_depthwise_conv(x, kernel, segment_ids=None, *, tail=None, tail_segmen
 
 
 class Based(nnx.Module):
-  """Based token mixer with `llama.Attention`'s call signature; needs `LlamaConfig.sliding_window`."""
+  """Based token mixer with `softmax.Attention`'s call signature; needs `MixerSpec.sliding_window`."""
 
-  def __init__(self, config: llama.LlamaConfig, variant: BasedConfig | None = None, *, rngs: nnx.Rngs):
+  def __init__(self, config: MixerSpec, variant: BasedConfig | None = None, *, rngs: nnx.Rngs):
     variant = BasedConfig() if variant is None else variant
     self.config, self.variant = config, variant
     kernel = jnp.zeros((variant.conv_size, config.embed_dim), config.param_dtype).at[0].set(1.0)
     noise = nnx.initializers.normal(config.init_std)(rngs.params(), kernel.shape, config.param_dtype)
-    self.conv = llama.logical_param(kernel + noise.at[0].set(0.0), (None, "embed"))
+    self.conv = nn.logical_param(kernel + noise.at[0].set(0.0), (None, "embed"))
     self.linear = LinearAttention(config, variant.linear, rngs=rngs)
     self.window = WindowAttention(config, rngs=rngs, implementation=variant.window_implementation)
 
   def __call__(self, x, *, positions, segment_ids=None, attention_fn=None, cache=None, cache_positions=None,
-               cache_segment_ids=None, cache_index=None):
-    del attention_fn
+               cache_segment_ids=None, cache_index=None, cache_lengths=None):
+    del attention_fn, cache_lengths
     taps = self.variant.conv_size
     if cache is None:
       u = causal_depthwise_conv(x, self.conv[...], segment_ids)
@@ -98,7 +99,7 @@ class Based(nnx.Module):
     return out, new_cache
 
 
-def init_based_cache(config: llama.LlamaConfig, variant: BasedConfig | None, batch: int, *, dtype=None,
+def init_based_cache(config: MixerSpec, variant: BasedConfig | None, batch: int, *, dtype=None,
                      with_segment_ids=False) -> dict:
   variant = BasedConfig() if variant is None else variant
   dtype = dtype or config.compute_dtype
@@ -111,7 +112,7 @@ def init_based_cache(config: llama.LlamaConfig, variant: BasedConfig | None, bat
   return cache
 
 
-def based_state_bytes(config: llama.LlamaConfig, variant: BasedConfig | None, batch: int = 1,
+def based_state_bytes(config: MixerSpec, variant: BasedConfig | None, batch: int = 1,
                       kv_itemsize: int = 4) -> dict:
   """Decoding state of one Based layer in bytes: {'linear', 'window', 'conv', 'total'}."""
   variant = BasedConfig() if variant is None else variant

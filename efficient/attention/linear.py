@@ -1,4 +1,4 @@
-"""`LinearAttention`: a Llama token mixer running `pallas_kernels.linear_attention`, with a recurrent-state cache.
+"""`LinearAttention`: a token mixer running `pallas_kernels.linear_attention`, with a recurrent-state cache.
 
 Variants (`LinearAttentionConfig`): the feature map (identity, elu+1, relu, Based's Taylor map) on q/k projected to
 `feature_dim` per head; a fixed per-head decay (RetNet's gamma_h = 1 - 2^(-5-h)); GLA's data-dependent gates from a
@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient.models import llama
+from efficient import nn
+from efficient.attention.core import MixerSpec
 from pallas_kernels.linear_attention import FEATURE_MAPS, linear_attention, recurrent_step
 
 RESET_LOG_GATE = -30.0
@@ -68,9 +69,9 @@ def segment_starts(segment_ids, previous=None):
 
 
 class LinearAttention(nnx.Module):
-  """Causal linear attention of x [B, T, embed] -> [B, T, embed]; the `llama.Attention` call signature."""
+  """Causal linear attention of x [B, T, embed] -> [B, T, embed]; the `softmax.Attention` call signature."""
 
-  def __init__(self, config: llama.LlamaConfig, variant: LinearAttentionConfig | None = None, *, rngs: nnx.Rngs):
+  def __init__(self, config: MixerSpec, variant: LinearAttentionConfig | None = None, *, rngs: nnx.Rngs):
     variant = LinearAttentionConfig() if variant is None else variant
     c = config
     self.config, self.variant = config, variant
@@ -79,17 +80,16 @@ class LinearAttention(nnx.Module):
     self.value_dim = c.head_dim
     self.expanded = expanded_dim(variant.feature_map, self.key_dim)
     qk_shape, names = (c.embed_dim, self.num_heads, self.key_dim), ("embed", "heads", "head_dim")
-    self.q = llama.Einsum("btd,dhk->bthk", qk_shape, names, c, rngs=rngs)
-    self.k = llama.Einsum("btd,dhk->bthk", qk_shape, names, c, rngs=rngs)
-    self.v = llama.Einsum("btd,dhk->bthk", (c.embed_dim, self.num_heads, self.value_dim), names, c, rngs=rngs)
-    self.o = llama.Einsum("bthk,hkd->btd", (self.num_heads, self.value_dim, c.embed_dim),
-                          ("heads", "head_dim", "embed"), c, rngs=rngs)
+    self.q = c.einsum("btd,dhk->bthk", qk_shape, names, rngs=rngs)
+    self.k = c.einsum("btd,dhk->bthk", qk_shape, names, rngs=rngs)
+    self.v = c.einsum("btd,dhk->bthk", (c.embed_dim, self.num_heads, self.value_dim), names, rngs=rngs)
+    self.o = c.einsum("bthk,hkd->btd", (self.num_heads, self.value_dim, c.embed_dim),
+                      ("heads", "head_dim", "embed"), rngs=rngs)
     if variant.decay == "gla":
-      self.gate_down = llama.Einsum("btd,dr->btr", (c.embed_dim, variant.gate_rank), ("embed", None), c,
-                                    rngs=rngs)
-      self.gate_up = llama.Einsum("btr,rhk->bthk", (variant.gate_rank, self.num_heads, self.expanded),
-                                  (None, "heads", "head_dim"), c, rngs=rngs)
-      self.gate_bias = llama.logical_param(jnp.zeros((self.num_heads, self.expanded), c.param_dtype),
+      self.gate_down = c.einsum("btd,dr->btr", (c.embed_dim, variant.gate_rank), ("embed", None), rngs=rngs)
+      self.gate_up = c.einsum("btr,rhk->bthk", (variant.gate_rank, self.num_heads, self.expanded),
+                              (None, "heads", "head_dim"), rngs=rngs)
+      self.gate_bias = nn.logical_param(jnp.zeros((self.num_heads, self.expanded), c.param_dtype),
                                            ("heads", "head_dim"))
 
   def log_decay(self):
@@ -118,8 +118,8 @@ class LinearAttention(nnx.Module):
     return None, reset if log_gates is None else reset + log_gates
 
   def __call__(self, x, *, positions=None, segment_ids=None, attention_fn=None, cache=None, cache_positions=None,
-               cache_segment_ids=None, cache_index=None):
-    del positions, attention_fn, cache_positions  # no RoPE: order enters through the causal recurrence
+               cache_segment_ids=None, cache_index=None, cache_lengths=None):
+    del positions, attention_fn, cache_positions, cache_lengths  # no RoPE: order enters through the causal recurrence
     v_cfg = self.variant
     dtype = self.config.compute_dtype
     q, k, v = self.q(x).astype(dtype), self.k(x).astype(dtype), self.v(x).astype(dtype)
@@ -149,7 +149,7 @@ class LinearAttention(nnx.Module):
     return (batch, self.num_heads, self.expanded, self.value_dim + (1 if self.variant.normalize else 0))
 
 
-def state_shape(config: llama.LlamaConfig, variant: LinearAttentionConfig | None, batch: int) -> tuple[int, ...]:
+def state_shape(config: MixerSpec, variant: LinearAttentionConfig | None, batch: int) -> tuple[int, ...]:
   """`LinearAttention.state_shape` without building the module."""
   variant = LinearAttentionConfig() if variant is None else variant
   key_dim = variant.feature_dim or config.head_dim
@@ -157,10 +157,10 @@ def state_shape(config: llama.LlamaConfig, variant: LinearAttentionConfig | None
           config.head_dim + (1 if variant.normalize else 0))
 
 
-def init_linear_cache(config: llama.LlamaConfig, variant: LinearAttentionConfig | None, batch: int) -> dict:
+def init_linear_cache(config: MixerSpec, variant: LinearAttentionConfig | None, batch: int) -> dict:
   """The zero recurrent state (f32, whatever the compute dtype: it accumulates over the whole sequence)."""
   return {"state": jnp.zeros(state_shape(config, variant, batch), jnp.float32)}
 
 
-def state_bytes(config: llama.LlamaConfig, variant: LinearAttentionConfig | None, batch: int = 1) -> int:
+def state_bytes(config: MixerSpec, variant: LinearAttentionConfig | None, batch: int = 1) -> int:
   return 4 * math.prod(state_shape(config, variant, batch))

@@ -184,12 +184,12 @@ def _dequantized(tensor, source: str) -> np.ndarray:
 
 
 def load_gguf(path: str | os.PathLike, *, param_dtype=jnp.float32, compute_dtype=None,
-              attention_fn: llama.AttentionFn = llama.softmax_attention,
-              **config_overrides) -> tuple[llama.Llama, Tokenizer]:
+              attention_fn=None, **config_overrides) -> tuple[llama.Llama, Tokenizer]:
   """Reads a Llama GGUF into `(Llama, Tokenizer)`: every tensor dequantized to f32, converted to our layouts,
   cast to `param_dtype`. `compute_dtype` defaults to `param_dtype`; `config_overrides` replace config fields.
 
-  Parameters keep their logical-axis metadata (the model is built by `llama.Llama` abstractly, then filled).
+  `attention_fn` replaces the model's default `AttentionFn` (None: Llama's own). Parameters keep their
+  logical-axis metadata (the model is built by `llama.Llama` abstractly, then filled).
   Raises `GGUFError` naming the file for an unreadable file, and the tensor too when one is missing or has
   the wrong shape.
   """
@@ -206,7 +206,8 @@ def load_gguf(path: str | os.PathLike, *, param_dtype=jnp.float32, compute_dtype
                     f"{config.vocab_size}.")
 
   # Shapes and logical axes come from the model definition itself; no random init is computed.
-  model = nnx.eval_shape(lambda: llama.Llama(config, rngs=nnx.Rngs(0), attention_fn=attention_fn))
+  attention = {} if attention_fn is None else {"attention_fn": attention_fn}
+  model = nnx.eval_shape(lambda: llama.Llama(config, rngs=nnx.Rngs(0), **attention))
   for param_path, variable in list(nnx.iter_graph(model)):
     if not isinstance(variable, nnx.Param):
       continue
@@ -222,8 +223,3 @@ def load_gguf(path: str | os.PathLike, *, param_dtype=jnp.float32, compute_dtype
     variable.set_value(jnp.asarray(value, config.param_dtype))
   return model, tokenizer
 
-
-def load_gguf_tokenizer(path: str | os.PathLike) -> Tokenizer:
-  """Only the tokenizer of a GGUF file (no tensors are dequantized)."""
-  source = os.fspath(path)
-  return Tokenizer.from_metadata(read_metadata(open_gguf(source)), source=source)

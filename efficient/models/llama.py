@@ -1,30 +1,33 @@
 """The Llama family as SmolLM2 uses it: GQA, RoPE, SwiGLU MLP, RMSNorm, tied embeddings -- in Flax NNX.
 
-Every parameter carries logical axis names (see `efficient.sharding`). Attention goes through a pluggable
-function (`AttentionFn`) so kernels can be swapped in without touching the model. Decoding uses a functional
-KV cache (a plain pytree) so a jitted step is a pure function of the split model state.
+Composed from the layer floor (`efficient.nn`: Einsum, RMSNorm, logical_param) and the attention core
+(`efficient.attention`: each layer's token mixer comes from the mixer registry by kind; softmax layers keep a KV
+cache behind `efficient.attention.cache`'s interface, whatever its storage codec). Every parameter carries
+logical axis names (see `efficient.sharding`). Kernels run by default through the `pallas_kernels` policy:
+flash attention and the fused RMSNorm on TPU/GPU, their XLA paths on CPU, and `generate` decodes one-token steps
+through `flash_decode`. Decoding uses a functional cache (a pytree) so a jitted step is a pure function of the
+split model state.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Protocol
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.rms_norm import rms_norm as rms_norm_op
+from efficient import nn
+from efficient.attention import core, mixers
+from efficient.attention.core import EMPTY_POSITION, AttentionFn  # noqa: F401  (re-exported for users)
+from efficient.quant import kv_cache as _kv_cache  # noqa: F401  registers the int8/int4 KV-cache codecs
+from pallas_kernels import _dispatch
 
-# A cache slot that holds no key yet gets this position, so the causal test `k_pos <= q_pos` rejects it.
-EMPTY_POSITION = 2**30
-# Token mixers a layer may use (`LlamaConfig.attention` / `attention_schedule`); every kind but 'softmax' is
-# built by `efficient.attention.mixers` (imported lazily: that package imports this module).
-ATTENTION_KINDS = ("softmax", "window", "linear", "based")
 # Fields added for per-layer attention; `to_dict` leaves them out at their defaults so signatures of existing
 # checkpoints (and everything keyed on them) are unchanged for the plain softmax model.
 _MIXER_FIELDS = {"attention": "softmax", "attention_schedule": None, "sliding_window": None,
-                 "linear_attention": None, "based": None}
+                 "linear_attention": None, "based": None, "attention_implementation": None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +45,8 @@ class LlamaConfig:
   max_seq_len: int = 2048
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
-  norm_implementation: str | None = None  # pallas_kernels.rms_norm implementation (None: by backend)
+  norm_implementation: str | None = None  # pallas_kernels.rms_norm implementation (None: the policy)
+  attention_implementation: str | None = None  # flash_attention's (None: the policy; 'reference': positional)
   init_std: float = 0.02
   # Per-layer token mixer: `attention` for every layer, or `attention_schedule` ('linear,linear,softmax', one
   # kind per layer; see efficient.attention.every_kth_softmax). 'window' and 'based' layers need
@@ -67,8 +71,9 @@ class LlamaConfig:
     if self.sliding_window is not None and (isinstance(self.sliding_window, bool) or
                                             not isinstance(self.sliding_window, int) or self.sliding_window < 1):
       raise ValueError(f"LlamaConfig.sliding_window must be an int >= 1 (or None), got {self.sliding_window!r}.")
-    if self.sliding_window is None and {"window", "based"} & set(kinds):
-      raise ValueError(f"LlamaConfig.sliding_window is required by 'window'/'based' layers (schedule {kinds}).")
+    windowed = sorted(kind for kind in set(kinds) if mixers.get_mixer(kind).needs_window)
+    if self.sliding_window is None and windowed:
+      raise ValueError(f"LlamaConfig.sliding_window is required by {windowed} layers (schedule {kinds}).")
 
   def layer_kinds(self) -> tuple[str, ...]:
     """The token mixer of every layer, from `attention_schedule` (comma-separated) or `attention`."""
@@ -82,9 +87,16 @@ class LlamaConfig:
         raise ValueError(f"LlamaConfig.attention_schedule={self.attention_schedule!r} names {len(kinds)} layers; "
                          f"num_layers is {self.num_layers}.")
     for kind in kinds:
-      if kind not in ATTENTION_KINDS:
-        raise ValueError(f"LlamaConfig.{where}: unknown attention {kind!r}; choose from {ATTENTION_KINDS}.")
+      mixers.get_mixer(kind, where=f"LlamaConfig.{where}")
     return kinds
+
+  def mixer_spec(self) -> core.MixerSpec:
+    """What the token mixers need of this config (widths, RoPE, dtypes, init, per-kind options)."""
+    return core.MixerSpec(embed_dim=self.embed_dim, num_heads=self.num_heads, num_kv_heads=self.num_kv_heads,
+                          head_dim=self.head_dim, rope_theta=self.rope_theta, param_dtype=self.param_dtype,
+                          compute_dtype=self.compute_dtype, init_std=self.init_std,
+                          sliding_window=self.sliding_window, linear_attention=self.linear_attention,
+                          based=self.based, attention_implementation=self.attention_implementation)
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -108,136 +120,23 @@ SMALL = LlamaConfig(vocab_size=512, embed_dim=128, num_layers=4, num_heads=4, nu
                     mlp_dim=384, rope_theta=10000.0, max_seq_len=512)
 
 
-class AttentionFn(Protocol):
-  """q [B,T,H,D], k/v [B,S,Hkv,D]; positions say what is causal, segment ids what may see what."""
-
-  def __call__(self, q: jax.Array, k: jax.Array, v: jax.Array, *, q_positions: jax.Array,
-               kv_positions: jax.Array, q_segment_ids: jax.Array | None,
-               kv_segment_ids: jax.Array | None) -> jax.Array: ...
+def _einsum(config: LlamaConfig, equation, shape, names, *, rngs) -> nn.Einsum:
+  return nn.Einsum(equation, shape, names, rngs=rngs, param_dtype=config.param_dtype,
+                   compute_dtype=config.compute_dtype, kernel_init=nn.normal_init(config.init_std))
 
 
-def attention_mask(q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
-  """[B, T, S] bool: causal by absolute position, and within one segment when segment ids are given."""
-  mask = kv_positions[:, None, :] <= q_positions[:, :, None]
-  if q_segment_ids is not None:
-    mask &= q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-  return mask
-
-
-def softmax_attention(q, k, v, *, q_positions, kv_positions, q_segment_ids=None, kv_segment_ids=None):
-  """Reference GQA softmax attention, f32 logits and softmax; the default `AttentionFn`."""
-  mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
-  return attend_with_logits(gqa_logits(q, k), v, mask, q.dtype)
-
-
-def gqa_logits(q, k):
-  """Scaled f32 logits [B, H_kv, H/H_kv, T, S] of q [B, T, H, D] against k [B, S, H_kv, D] (GQA groups)."""
-  batch, q_len, num_heads, head_dim = q.shape
-  num_kv_heads = k.shape[2]
-  q = q.reshape(batch, q_len, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  return jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
-
-
-def attend_with_logits(logits, v, mask, dtype):
-  """Masked softmax of `gqa_logits` [B, H_kv, G, T, S] and its average of v [B, S, H_kv, D] -> [B, T, H, D]."""
-  batch, num_kv_heads, group, q_len, _ = logits.shape
-  logits = jnp.where(mask[:, None, None], logits, -jnp.inf)
-  probs = jax.nn.softmax(logits, axis=-1)
-  # A query whose every key is masked (padding) gets zeros rather than NaN.
-  probs = jnp.where(mask[:, None, None].any(-1, keepdims=True), probs, 0.0)
-  out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
-  return out.reshape(batch, q_len, num_kv_heads * group, v.shape[-1]).astype(dtype)
-
-
-def rope(x, positions, theta: float):
-  """Rotate-half RoPE (Hugging Face convention) on x [B, T, H, D] at integer positions [B, T]."""
-  half = x.shape[-1] // 2
-  inv_freq = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
-  angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, half]
-  sin, cos = jnp.sin(angles)[:, :, None, :], jnp.cos(angles)[:, :, None, :]
-  x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:].astype(jnp.float32)
-  return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
-def logical_param(value, names) -> nnx.Param:
-  """A parameter tagged with logical axis names; `efficient.sharding.shard_model` maps them to a mesh later
-  (built on one device first, so head counts that a mesh axis does not divide stay representable)."""
-  return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False)
-
-
-def _param(rngs, shape, names, config, std=None):
-  init = nnx.initializers.normal(config.init_std if std is None else std)
-  return logical_param(init(rngs.params(), shape, config.param_dtype), names)
-
-
-class RMSNorm(nnx.Module):
-
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    del rngs
-    self.eps = config.norm_eps
-    self.implementation = config.norm_implementation
-    self.scale = logical_param(jnp.ones((config.embed_dim,), config.param_dtype), ("embed",))
-
-  def __call__(self, x):
-    return rms_norm_op(x, self.scale[...].astype(x.dtype), eps=self.eps, implementation=self.implementation)
-
-
-class Einsum(nnx.Module):
-  """`einsum(equation, x, kernel)`: every projection of the model is one of these, so rules that match module
-  paths (quantize, sparsify, capture calibration inputs) can swap it without editing the model."""
-
-  def __init__(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], config: LlamaConfig, *,
-               rngs: nnx.Rngs):
-    self.equation = equation
-    self.compute_dtype = config.compute_dtype
-    self.kernel = _param(rngs, shape, names, config)
-
-  def __call__(self, x):
-    return jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))
-
-
-class Attention(nnx.Module):
-
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
-    c = config
-    self.config = config
-    kv_shape, kv_names = (c.embed_dim, c.num_kv_heads, c.head_dim), ("embed", "kv_heads", "head_dim")
-    self.q = Einsum("btd,dhk->bthk", (c.embed_dim, c.num_heads, c.head_dim), ("embed", "heads", "head_dim"), c,
-                    rngs=rngs)
-    self.k = Einsum("btd,dhk->bthk", kv_shape, kv_names, c, rngs=rngs)
-    self.v = Einsum("btd,dhk->bthk", kv_shape, kv_names, c, rngs=rngs)
-    self.o = Einsum("bthk,hkd->btd", (c.num_heads, c.head_dim, c.embed_dim), ("heads", "head_dim", "embed"), c,
-                    rngs=rngs)
-
-  def __call__(self, x, *, positions, segment_ids, attention_fn, cache=None, cache_positions=None,
-               cache_segment_ids=None, cache_index=None):
-    q, k, v = self.q(x), self.k(x), self.v(x)
-    q, k = rope(q, positions, self.config.rope_theta), rope(k, positions, self.config.rope_theta)
-    kv_positions, kv_segment_ids = positions, segment_ids
-    if cache is not None and "k_codes" in cache:  # a quantized KV cache (init_cache's kv_format)
-      from efficient.quant import kv_cache
-      out, cache = kv_cache.update_and_attend(cache, q, k, v, index=cache_index, q_positions=positions,
-                                              kv_positions=cache_positions, q_segment_ids=segment_ids,
-                                              kv_segment_ids=cache_segment_ids)
-      return self.o(out), cache
-    if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), cache_index, axis=1)
-      cache = {"k": k, "v": v}
-      kv_positions, kv_segment_ids = cache_positions, cache_segment_ids
-      k, v = k.astype(self.config.compute_dtype), v.astype(self.config.compute_dtype)
-    out = attention_fn(q, k, v, q_positions=positions, kv_positions=kv_positions, q_segment_ids=segment_ids,
-                       kv_segment_ids=kv_segment_ids)
-    return self.o(out), cache
+def _norm(config: LlamaConfig) -> nn.RMSNorm:
+  return nn.RMSNorm(config.embed_dim, eps=config.norm_eps, param_dtype=config.param_dtype,
+                    implementation=config.norm_implementation)
 
 
 class MLP(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
     c = config
-    self.gate = Einsum("btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c, rngs=rngs)
-    self.up = Einsum("btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c, rngs=rngs)
-    self.down = Einsum("btf,fd->btd", (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c, rngs=rngs)
+    self.gate = _einsum(c, "btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), rngs=rngs)
+    self.up = _einsum(c, "btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), rngs=rngs)
+    self.down = _einsum(c, "btf,fd->btd", (c.mlp_dim, c.embed_dim), ("mlp", "embed"), rngs=rngs)
 
   def __call__(self, x):
     return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -246,14 +145,10 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, layer: int = 0):
-    self.attention_norm = RMSNorm(config, rngs=rngs)
-    kind = config.layer_kinds()[layer]
-    if kind == "softmax":
-      self.attention = Attention(config, rngs=rngs)
-    else:  # same call signature as Attention: (x, *, positions, segment_ids, attention_fn, cache, ...)
-      from efficient.attention import mixers
-      self.attention = mixers.make_mixer(kind, config, rngs=rngs)
-    self.mlp_norm = RMSNorm(config, rngs=rngs)
+    self.attention_norm = _norm(config)
+    # Every mixer has softmax.Attention's call signature: (x, *, positions, segment_ids, attention_fn, cache, ...)
+    self.attention = mixers.make_mixer(config.layer_kinds()[layer], config.mixer_spec(), rngs=rngs)
+    self.mlp_norm = _norm(config)
     self.mlp = MLP(config, rngs=rngs)
 
   def __call__(self, x, **attention_kwargs):
@@ -265,20 +160,26 @@ class Block(nnx.Module):
 class Llama(nnx.Module):
   """`model(tokens[B,T] int32) -> logits[B,T,V] f32`; with `cache=` it returns `(logits, new_cache)`."""
 
-  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, attention_fn: AttentionFn = softmax_attention):
+  def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, attention_fn: AttentionFn | None = None):
     self.config = config
-    self.attention_fn = attention_fn
-    self.embedding = _param(rngs, (config.vocab_size, config.embed_dim), ("vocab", "embed"), config)
+    self.attention_fn = attention_fn  # None: each mixer's kernel-backed default (see efficient.attention.softmax)
+    init = nn.normal_init(config.init_std)
+    self.embedding = nn.logical_param(init(rngs.params(), (config.vocab_size, config.embed_dim),
+                                           config.param_dtype), ("vocab", "embed"))
     self.blocks = nnx.List([Block(config, rngs=rngs, layer=i) for i in range(config.num_layers)])
-    self.final_norm = RMSNorm(config, rngs=rngs)
+    self.final_norm = _norm(config)
     if not config.tie_embeddings:
-      self.lm_head = _param(rngs, (config.embed_dim, config.vocab_size), ("embed", "vocab"), config)
+      self.lm_head = nn.logical_param(init(rngs.params(), (config.embed_dim, config.vocab_size),
+                                           config.param_dtype), ("embed", "vocab"))
 
   def __call__(self, tokens, *, positions=None, segment_ids=None, cache=None):
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer array [batch, length], got {tokens.dtype}{tokens.shape}.")
     batch, length = tokens.shape
+    # Slots [0, index + length) are exactly what each row sees when positions count up from the cache index and
+    # nothing is packed: the cache may then decode through flash_decode.
+    contiguous = positions is None and segment_ids is None
     if positions is None:
       start = 0 if cache is None else cache["index"]
       positions = jnp.broadcast_to(start + jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -294,7 +195,9 @@ class Llama(nnx.Module):
       cache_segment_ids = None
       if segment_ids is not None:
         cache_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, index, axis=1)
-      kwargs.update(cache_positions=cache_positions, cache_segment_ids=cache_segment_ids, cache_index=index)
+      lengths = jnp.full((batch,), index + length, jnp.int32) if contiguous else None
+      kwargs.update(cache_positions=cache_positions, cache_segment_ids=cache_segment_ids, cache_index=index,
+                    cache_lengths=lengths)
     for i, block in enumerate(self.blocks):
       x, layer_cache = block(x, cache=None if cache is None else cache["layers"][i], **kwargs)
       new_layers.append(layer_cache)
@@ -311,44 +214,24 @@ class Llama(nnx.Module):
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, with_segment_ids=False,
                kv_format: str | None = None, kv_group_size: int | None = None) -> dict:
-  """An empty KV cache pytree for `max_len` positions (k/v in `dtype`, default the compute dtype).
-
-  Softmax layers hold k/v; other mixers hold what `efficient.attention.mixers.init_mixer_cache` gives them
-  (recurrent states, window ring buffers, conv tails). `kv_format='int8'|'int4'` stores softmax layers' k/v
-  quantized (`efficient.quant.kv_cache`: per-channel K over groups of `kv_group_size` slots, per-token V)."""
+  """An empty decoding cache for `max_len` positions: each layer's from the mixer registry (softmax: a KV cache
+  in `dtype`, default the compute dtype; other mixers: recurrent states, window ring buffers, conv tails).
+  `kv_format='int8'|'int4'` stores softmax layers' k/v quantized (`efficient.quant.kv_cache`: per-channel K over
+  groups of `kv_group_size` slots, per-token V); it needs every layer to be softmax."""
   if max_len > config.max_seq_len:
     raise ValueError(f"max_len={max_len} exceeds the model's max_seq_len={config.max_seq_len}.")
   dtype = dtype or config.compute_dtype
-  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
-  softmax_cache = lambda: {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}
-  if kv_format is not None or kv_group_size is not None:
-    softmax_cache = _quantized_cache_factory(config, batch, max_len, dtype, kv_format, kv_group_size)
+  spec = config.mixer_spec()
   cache = {
       "index": jnp.zeros((), jnp.int32),
       "positions": jnp.full((batch, max_len), EMPTY_POSITION, jnp.int32),
-      "layers": [softmax_cache() if kind == "softmax" else
-                 _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids)
+      "layers": [mixers.init_mixer_cache(kind, spec, batch, max_len, dtype=dtype, with_segment_ids=with_segment_ids,
+                                         kv_format=kv_format, kv_group_size=kv_group_size)
                  for kind in config.layer_kinds()],
   }
   if with_segment_ids:
     cache["segment_ids"] = jnp.zeros((batch, max_len), jnp.int32)
   return cache
-
-
-def _quantized_cache_factory(config, batch, max_len, dtype, kv_format, kv_group_size):
-  from efficient.quant import kv_cache
-  if set(config.layer_kinds()) != {"softmax"}:
-    raise ValueError(f"kv_format={kv_format!r} quantizes softmax layers' k/v only; this model has "
-                     f"{sorted(set(config.layer_kinds()))} layers.")
-  group_size = kv_cache.DEFAULT_GROUP_SIZE if kv_group_size is None else kv_group_size
-  kv_cache.check_format(kv_format, config.head_dim, group_size)
-  return lambda: kv_cache.init_layer_cache(batch, max_len, config.num_kv_heads, config.head_dim,
-                                           kv_format=kv_format, group_size=group_size, dtype=dtype)
-
-
-def _mixer_cache(kind, config, batch, max_len, dtype, with_segment_ids):
-  from efficient.attention import mixers
-  return mixers.init_mixer_cache(kind, config, batch, max_len, dtype=dtype, with_segment_ids=with_segment_ids)
 
 
 def sample_token(logits, rng, *, temperature: float, top_k: int | None):
@@ -363,9 +246,10 @@ def sample_token(logits, rng, *, temperature: float, top_k: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_id",
-                                             "kv_format", "kv_group_size"))
+                                             "kv_format", "kv_group_size", "policy"))
 def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k, eos_id, kv_format=None,
-              kv_group_size=None):
+              kv_group_size=None, policy=None):
+  del policy  # a static argument so a trace under one implementation policy is not reused under another
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt.shape
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens, kv_format=kv_format,
@@ -410,4 +294,5 @@ def generate(model: Llama, prompt, max_new_tokens: int, *, temperature: float = 
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, rng, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                   top_k=top_k, eos_id=eos_id, kv_format=kv_format, kv_group_size=kv_group_size)
+                   top_k=top_k, eos_id=eos_id, kv_format=kv_format, kv_group_size=kv_group_size,
+                   policy=_dispatch.current_implementation())

@@ -9,8 +9,10 @@ yet quantized, so the layer output XW moves as little as possible. Implementatio
   - U = upper Cholesky factor of H⁻¹ (H⁻¹ = UᵀU); blocks of `block_size` rows are processed with in-block updates
     immediately and the rest of the matrix updated once per block ("lazy batch updates").
   - Per-group scales are computed on the fly, as GPTQ does: when the first row of a group is reached, from the
-    group's rows as they stand then (after all earlier updates). Scales/zero points come from
-    `formats.quantize_int`, i.e. exactly RTN's formula, so with H = I GPTQ returns RTN's QArray bit for bit.
+    group's rows as they stand then (after all earlier updates). Every step goes through the format's own code,
+    the one RTN uses: scales/zero points from `formats.int_params`, each row rounded by `formats.int_codes`
+    (and `formats.int_values` for the error), the codes stored by `formats.encode_int`; so with H = I GPTQ
+    returns RTN's QArray bit for bit.
   - act_order: rows are processed by descending diag(H) and un-permuted at the end. Groups stay the *original*
     contiguous row groups (so the QArray keeps its plain [G, N] scale layout and the kernels need no g_idx); since
     a group's rows are then visited out of order, its scales are fixed up front from the original weights
@@ -26,7 +28,7 @@ import numpy as np
 
 from efficient.quant import formats
 from efficient.quant.qarray import QArray, quantize
-from pallas_kernels import _packing
+from pallas_kernels import packing
 
 INT_FORMATS = {8: "int8", 4: "int4", 3: "int3", 2: "int2"}
 
@@ -89,7 +91,7 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
     block_size = group_size * max(1, block_size // group_size)
   _check_gptq_args(w, hessian, group_size, damp, block_size)
   if fmt.packed:
-    _packing.check_packable(k, fmt.bits, name="w.shape[0] (in_features)")
+    packing.check_packable(k, fmt.bits, name="w.shape[0] (in_features)")
   g = group_size or k
   scale_dtype = "bfloat16" if group_size is not None else "float32"
   if mask is None:
@@ -104,11 +106,11 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   static = act_order or group_size is None
   scale = zero = None
   if static:  # scales of the original contiguous groups, fixed before any update
-    _, scale, zero = formats.quantize_int(w32[jnp.argsort(perm)], fmt, g, False, symmetric, scale_dtype)
+    scale, zero = formats.int_params(w32[jnp.argsort(perm)], fmt, (k // g, n), symmetric, scale_dtype)
   codes, scale, zero = _gptq_blocks(w32, mask[perm], u, perm, scale, zero, fmt=fmt, g=g, block_size=block_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype, static=static)
   codes = codes[jnp.argsort(perm)]
-  return QArray(qvalue=encode_codes(codes, fmt, symmetric), scale=scale, zero_point=None if symmetric else zero,
+  return QArray(qvalue=formats.encode_int(codes, fmt, symmetric, 0), scale=scale, zero_point=None if symmetric else zero,
                 fmt=fmt.name, shape=(k, n), dtype=jnp.dtype(w.dtype).name, axis=0,
                 granularity="channel" if group_size is None else "group", group_size=g,
                 logical_axes=None if logical_axes is None else tuple(logical_axes))
@@ -128,16 +130,6 @@ def _prepare(w, hessian, damp, act_order):
   hinv = jax.scipy.linalg.cho_solve((lower, True), jnp.eye(w.shape[0], dtype=jnp.float32))
   u = jnp.linalg.cholesky(hinv).T  # H⁻¹ = UᵀU
   return w, perm, u
-
-
-def _quant_row(row, scale, zero, fmt, symmetric):
-  """RTN of one row [N] with scales [N] (the formula of formats.quantize_int) -> (codes, dequantized)."""
-  if symmetric:
-    qmax = 2 ** (fmt.bits - 1) - 1
-    q = jnp.clip(jnp.round(row / scale), -qmax, qmax)
-    return q, q * scale
-  q = jnp.clip(jnp.round(row / scale) + zero, 0, 2 ** fmt.bits - 1)
-  return q, (q - zero) * scale
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "g", "block_size", "symmetric", "scale_dtype", "static"))
@@ -170,7 +162,7 @@ def _gptq_blocks(w, mask, u, perm, scale, zero, *, fmt, g, block_size, symmetric
           w1, scale, zero = args
           block = jax.lax.dynamic_slice_in_dim(w1, i, g, axis=0)  # the group's rows, updated so far
           block = jnp.where(jax.lax.dynamic_slice_in_dim(mask_block, i, g, axis=0), block, 0.0)
-          _, s, z = formats.quantize_int(block, fmt, g, False, symmetric, scale_dtype)
+          s, z = formats.int_params(block, fmt, (1, n), symmetric, scale_dtype)
           scale = jax.lax.dynamic_update_slice_in_dim(scale, s.astype(scale.dtype), group, axis=0)
           if z is not None:
             zero = jax.lax.dynamic_update_slice_in_dim(zero, z, group, axis=0)
@@ -179,7 +171,8 @@ def _gptq_blocks(w, mask, u, perm, scale, zero, *, fmt, g, block_size, symmetric
         scale, zero = jax.lax.cond((start + i) % g == 0, new_params, lambda a: (a[1], a[2]), (w1, scale, zero))
       s = scale[group].astype(jnp.float32)
       z = None if symmetric else zero[group].astype(jnp.float32)
-      q, dq = _quant_row(row, s, z, fmt, symmetric)
+      q = formats.int_codes(row, s, z, fmt, symmetric)  # RTN's rounding, then its dequantization
+      dq = formats.int_values(q, s, z)
       kept = mask_block[i]
       q, dq = jnp.where(kept, q, 0.0 if symmetric else z), jnp.where(kept, dq, 0.0)
       err = (row - dq) / u_block[i, i]
@@ -195,14 +188,8 @@ def _gptq_blocks(w, mask, u, perm, scale, zero, *, fmt, g, block_size, symmetric
   return codes, scale, zero
 
 
-def encode_codes(codes, fmt, symmetric: bool):
-  """Integer codes [K, N] (signed if symmetric, 0..2^b-1 with zero points) -> QArray storage (as quantize_int)."""
-  if symmetric:
-    if fmt.bits == 8:
-      return codes.astype(jnp.int8)
-    return _packing.pack((codes + 2 ** (fmt.bits - 1)).astype(jnp.uint8), fmt.bits)
-  codes = codes.astype(jnp.uint8)
-  return codes if fmt.bits == 8 else _packing.pack(codes, fmt.bits)
+# Integer codes [K, N] (signed if symmetric, 0..2^b-1 with zero points) -> QArray storage packed along K.
+encode_codes = formats.encode_int
 
 
 def layer_error(x, w, w_hat) -> float:

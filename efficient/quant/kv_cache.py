@@ -11,48 +11,59 @@ Scheme (chosen after KIVI; Cache-Me-If-You-Must / C11 in the seed digest call fo
 
 Asymmetric (a zero point per scale, codes 0 .. 2^b-1, the range spanning [min(x, 0), max(x, 0)]) rather than
 symmetric because it spends all 2^b levels (16 rather than 15 at 4 bits) and up to twice the resolution on a
-channel whose values sit on one side of zero. The math is `efficient.quant.formats.quantize_int` /
-`dequantize_int` (the QArray formats, f32 scales, uint8 zero points); int4 codes are packed two per byte with
-`pallas_kernels._packing` (planar): K along the tokens of a group, V along head_dim, each along the axis its
-scale spans, so a group or a token is written without touching its neighbours.
+channel whose values sit on one side of zero. K and V are stored as `efficient.quant.QArray`s, made by the same
+`quantize` (f32 scales, uint8 zero points) and read by the same `dequantize` as a quantized weight; int4 codes are
+packed two per byte (`pallas_kernels.packing`, planar) along the axis each scale spans -- K along the tokens of a
+group, V along head_dim -- so a group or a token is written without touching its neighbours.
 
 Attention semantics (the same in the cache and in `simulated_attention_fn`): a query at slot t sees a key at slot s
 as stored quantized when the key's group is complete at t ((s // G + 1) * G <= t + 1), and as its float value
 otherwise (only keys of t's own, still open group). So token-by-token decoding, a chunked prefill and the
 simulated full forward (for perplexity) compute the same function.
 
-Cache layout of one softmax layer (a dict of arrays: a pytree that jit/scan carry); `LOGICAL_AXES` names the axes
-(`efficient.sharding` names; `layer_cache_shardings` places a cache on a mesh):
-  k_codes     uint8 [B, S/G, G*bits/8, Hkv, D]   (batch, length groups, group tokens (packed), kv_heads, head_dim)
-  k_scale     f32   [B, S/G, Hkv, D]             (batch, length groups, kv_heads, head_dim)
-  k_zero      uint8 [B, S/G, Hkv, D]             (batch, length groups, kv_heads, head_dim)
-  k_residual  float [B, G, Hkv, D]               (batch, open-group tokens, kv_heads, head_dim)
-  v_codes     uint8 [B, S, Hkv, D*bits/8]        (batch, length, kv_heads, head_dim (packed))
-  v_scale     f32   [B, S, Hkv]                  (batch, length, kv_heads)
-  v_zero      uint8 [B, S, Hkv]                  (batch, length, kv_heads)
-S/G is rounded up. The format is recovered from the shapes (bits = 8 * packed group rows / G).
+Cache layout of one softmax layer: a `QuantizedKVCache` (a pytree that jit/scan carry), the storage codec that
+`efficient.attention.cache` knows as kv_format 'int8' / 'int4' (registered on import). The keys are a QArray of the
+grouped view [B, S/G, G, Hkv, D] quantized along axis 2 (the group's tokens), the values a QArray of [B, S, Hkv, D]
+along axis 3 (head_dim). `LOGICAL_AXES` names the axes (`efficient.sharding` names),
+`QuantizedKVCache.logical_axes()` those of every stored array, and `layer_cache_shardings` places a cache on a mesh:
+  k           QArray  qvalue      uint8 [B, S/G, G*bits/8, Hkv, D]  (batch, length, None (packed), kv_heads, head_dim)
+                      scale       f32   [B, S/G, 1, Hkv, D]         (batch, length, None, kv_heads, head_dim)
+                      zero_point  uint8 [B, S/G, 1, Hkv, D]         (batch, length, None, kv_heads, head_dim)
+  k_residual  float   [B, G, Hkv, D]                                (batch, None (open group), kv_heads, head_dim)
+  v           QArray  qvalue      uint8 [B, S, Hkv, D*bits/8]       (batch, length, kv_heads, None (packed))
+                      scale       f32   [B, S, Hkv, 1]              (batch, length, kv_heads, None)
+                      zero_point  uint8 [B, S, Hkv, 1]              (batch, length, kv_heads, None)
+S/G is rounded up. The format and group size are the QArrays' metadata (`layer_format`).
+
+A model never looks at this layout: it makes a layer cache with `efficient.attention.cache.make_layer_cache(
+kv_format, ...)` (or `init_layer_cache` here) and calls `layer_cache.update_and_attend(q, k, v, ...)`, the
+interface every KV cache has.
 """
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+from flax import struct
 from jax.sharding import NamedSharding
 
 from efficient import sharding
+from efficient.attention import cache as cache_lib
+from efficient.attention.core import attend_with_logits, attention_mask, gqa_logits
 from efficient.quant import formats
-from pallas_kernels import _packing
+from efficient.quant import qarray as qa
+from pallas_kernels import packing
 
 KV_FORMATS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32  # KIVI's group size for per-channel keys
-# Logical axis names of each array of a layer cache (None: an axis no rule splits, e.g. packed tokens/channels).
-_GROUPED = ("batch", "length", "kv_heads", "head_dim")
-_PER_TOKEN = ("batch", "length", "kv_heads")
+# Logical axis names of each entry of a layer cache: of the QArrays' (unpacked) values and of the residual.
 LOGICAL_AXES = {
-    "k_codes": ("batch", "length", None, "kv_heads", "head_dim"), "k_scale": _GROUPED, "k_zero": _GROUPED,
+    "k": ("batch", "length", None, "kv_heads", "head_dim"),
     "k_residual": ("batch", None, "kv_heads", "head_dim"),
-    "v_codes": ("batch", "length", "kv_heads", None), "v_scale": _PER_TOKEN, "v_zero": _PER_TOKEN,
+    "v": ("batch", "length", "kv_heads", "head_dim"),
 }
-_LAYER_KEYS = tuple(LOGICAL_AXES)
+_KEY_AXIS, _VALUE_AXIS = 2, 3  # the axis each scale spans (and codes are packed along)
 
 
 def check_format(kv_format, head_dim: int, group_size) -> None:
@@ -62,94 +73,100 @@ def check_format(kv_format, head_dim: int, group_size) -> None:
   if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
     raise ValueError(f"kv_group_size={group_size!r} must be a positive int.")
   bits = formats.get(kv_format).bits
-  _packing.check_packable(head_dim, bits, name="head_dim")
-  _packing.check_packable(group_size, bits, name="kv_group_size")
+  packing.check_packable(head_dim, bits, name="head_dim")
+  packing.check_packable(group_size, bits, name="kv_group_size")
 
 
-def is_quantized(layer_cache) -> bool:
-  return isinstance(layer_cache, dict) and "k_codes" in layer_cache
+def _quantize_kv(x, axis: int, kv_format: str, logical_axes) -> qa.QArray:
+  """The one storage rule of the cache: asymmetric RTN, one f32 scale + uint8 zero point per slice along `axis`."""
+  return qa.quantize(x, kv_format, axis=axis, symmetric=False, scale_dtype=jnp.float32, logical_axes=logical_axes)
+
+
+@struct.dataclass
+class QuantizedKVCache:
+  """A softmax layer's KV cache stored quantized (layout in the module docstring); `efficient.attention.cache`'s
+  interface: `update_and_attend(q, k, v, ...) -> (out, new cache)`."""
+  k: qa.QArray
+  k_residual: jax.Array
+  v: qa.QArray
+
+  def logical_axes(self) -> "QuantizedKVCache":
+    """The same structure with each stored array's logical axis names (a tuple) in its place."""
+    names = lambda q: q.replace(**q.array_logical_axes())
+    return QuantizedKVCache(k=names(self.k), k_residual=LOGICAL_AXES["k_residual"], v=names(self.v))
+
+  def update_and_attend(self, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
+                        kv_segment_ids=None, kv_lengths=None, attention_fn=None):
+    """`update_and_attend(self, ...)`: this cache attends with its own two-view softmax (quantized complete
+    groups, float open group), so the model's `attention_fn` and the flash-decode hint `kv_lengths` are unused."""
+    del kv_lengths, attention_fn
+    return update_and_attend(self, q, k, v, index=index, q_positions=q_positions, kv_positions=kv_positions,
+                             q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
 
 def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, kv_format: str,
-                     group_size: int = DEFAULT_GROUP_SIZE, dtype=jnp.float32) -> dict:
+                     group_size: int | None = DEFAULT_GROUP_SIZE, dtype=jnp.float32) -> QuantizedKVCache:
   """An empty quantized cache of one softmax layer (layout in the module docstring); `dtype` is the float type
-  of the open group's keys."""
+  of the open group's keys; group_size None: `DEFAULT_GROUP_SIZE`."""
+  group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
   check_format(kv_format, head_dim, group_size)
-  bits = formats.get(kv_format).bits
   num_groups = -(-max_len // group_size)
-  group_shape = (batch, num_groups, num_kv_heads, head_dim)
-  token_shape = (batch, max_len, num_kv_heads)
-  return {
-      "k_codes": jnp.zeros((batch, num_groups, group_size * bits // 8, num_kv_heads, head_dim), jnp.uint8),
-      "k_scale": jnp.zeros(group_shape, jnp.float32),
-      "k_zero": jnp.zeros(group_shape, jnp.uint8),
-      "k_residual": jnp.zeros((batch, group_size, num_kv_heads, head_dim), dtype),
-      "v_codes": jnp.zeros((*token_shape, head_dim * bits // 8), jnp.uint8),
-      "v_scale": jnp.zeros(token_shape, jnp.float32),
-      "v_zero": jnp.zeros(token_shape, jnp.uint8),
-  }
+  kv_kwargs = dict(symmetric=False, scale_dtype=jnp.float32, dtype=dtype)
+  return QuantizedKVCache(
+      k=qa.zeros((batch, num_groups, group_size, num_kv_heads, head_dim), kv_format, axis=_KEY_AXIS,
+                 logical_axes=LOGICAL_AXES["k"], **kv_kwargs),
+      k_residual=jnp.zeros((batch, group_size, num_kv_heads, head_dim), dtype),
+      v=qa.zeros((batch, max_len, num_kv_heads, head_dim), kv_format, axis=_VALUE_AXIS,
+                 logical_axes=LOGICAL_AXES["v"], **kv_kwargs))
 
 
-def layer_cache_shardings(layer_cache: dict, mesh, rules) -> dict:
-  """NamedShardings of a quantized layer cache from `LOGICAL_AXES` under sharding `rules` (a preset name or
-  rules); a dimension its mesh axis does not divide stays replicated."""
+for _format in KV_FORMATS:  # kv_format='int8' / 'int4' in efficient.attention.cache.make_layer_cache
+  cache_lib.register_kv_format(_format, functools.partial(init_layer_cache, kv_format=_format))
+
+
+def layer_cache_shardings(layer_cache: QuantizedKVCache, mesh, rules) -> QuantizedKVCache:
+  """NamedShardings of a quantized layer cache (the same pytree structure) from the logical axis names of every
+  stored array under sharding `rules` (a preset name or rules); a dimension its mesh axis does not divide stays
+  replicated."""
   rules = sharding.rules_for(rules)
-  return {name: NamedSharding(mesh, sharding.logical_to_spec(LOGICAL_AXES[name], rules, shape=leaf.shape,
-                                                             mesh=mesh))
-          for name, leaf in layer_cache.items()}
+  place = lambda names, leaf: NamedSharding(mesh, sharding.logical_to_spec(names, rules, shape=leaf.shape,
+                                                                           mesh=mesh))
+  return jax.tree.map(place, layer_cache.logical_axes(), layer_cache, is_leaf=lambda x: isinstance(x, tuple))
 
 
-def layer_format(layer_cache) -> tuple[str, int]:
-  """(kv_format, group_size) of a quantized layer cache, from its shapes."""
-  group_size = layer_cache["k_residual"].shape[1]
-  bits = 8 * layer_cache["k_codes"].shape[2] // group_size
-  return f"int{bits}", group_size
+def layer_format(layer_cache: QuantizedKVCache) -> tuple[str, int]:
+  """(kv_format, group_size) of a quantized layer cache."""
+  return layer_cache.k.fmt, layer_cache.k.shape[_KEY_AXIS]
 
 
-# --- quantize / dequantize along one axis (the axis a scale spans) ----------------------------------------------
+# --- keys per channel over groups of slots, values per token --------------------------------------------------
 
-def quantize_along(x, axis: int, kv_format: str):
-  """Asymmetric RTN of x with one scale/zero point per slice along `axis` -> (codes with `axis` packed to
-  size*bits/8, f32 scale and uint8 zero point with `axis` removed)."""
-  fmt = formats.get(kv_format)
-  moved = jnp.moveaxis(x, axis, 0)
-  rest = moved.shape[1:]
-  x2 = moved.reshape(moved.shape[0], -1).astype(jnp.float32)
-  codes, scale, zero = formats.quantize_int(x2, fmt, x2.shape[0], False, False, jnp.float32)
-  codes = jnp.moveaxis(codes.reshape(codes.shape[0], *rest), 0, axis)
-  return codes, scale.reshape(rest), zero.reshape(rest)
-
-
-def dequantize_along(codes, scale, zero, axis: int, kv_format: str, dtype=jnp.float32):
-  """Inverse of `quantize_along`."""
-  fmt = formats.get(kv_format)
-  moved = jnp.moveaxis(codes, axis, 0)
-  size = moved.shape[0] * 8 // fmt.bits
-  x2 = formats.dequantize_int(moved.reshape(moved.shape[0], -1), scale.reshape(1, -1), zero.reshape(1, -1), fmt,
-                              size, size)
-  return jnp.moveaxis(x2.reshape(size, *moved.shape[1:]), 0, axis).astype(dtype)
-
-
-def quantize_keys(keys, group_size: int, kv_format: str):
-  """keys [B, n*G, Hkv, D] -> per-channel codes [B, n, G*bits/8, Hkv, D], scale and zero [B, n, Hkv, D]."""
+def quantize_keys(keys, group_size: int, kv_format: str) -> qa.QArray:
+  """keys [B, n*G, Hkv, D] -> a QArray of the grouped view [B, n, G, Hkv, D], one scale per channel per group."""
   batch, length = keys.shape[:2]
   grouped = keys.reshape(batch, length // group_size, group_size, *keys.shape[2:])
-  return quantize_along(grouped, 2, kv_format)
+  return _quantize_kv(grouped, _KEY_AXIS, kv_format, LOGICAL_AXES["k"])
 
 
-def dequantize_keys(codes, scale, zero, kv_format: str, dtype=jnp.float32):
+def dequantize_keys(q: qa.QArray, dtype=jnp.float32):
   """Inverse of `quantize_keys` -> [B, n*G, Hkv, D]."""
-  grouped = dequantize_along(codes, scale, zero, 2, kv_format, dtype)
+  grouped = qa.dequantize(q, dtype)
   return grouped.reshape(grouped.shape[0], -1, *grouped.shape[3:])
 
 
-def quantize_values(values, kv_format: str):
-  """values [B, T, Hkv, D] -> per-token codes [B, T, Hkv, D*bits/8], scale and zero [B, T, Hkv]."""
-  return quantize_along(values, 3, kv_format)
+def quantize_values(values, kv_format: str) -> qa.QArray:
+  """values [B, T, Hkv, D] -> a QArray with one scale per token and kv head (scale [B, T, Hkv, 1])."""
+  return _quantize_kv(values, _VALUE_AXIS, kv_format, LOGICAL_AXES["v"])
 
 
-def dequantize_values(codes, scale, zero, kv_format: str, dtype=jnp.float32):
-  return dequantize_along(codes, scale, zero, 3, kv_format, dtype)
+def dequantize_values(q: qa.QArray, dtype=jnp.float32):
+  return qa.dequantize(q, dtype)
+
+
+def _write(stored: qa.QArray, new: qa.QArray, write) -> qa.QArray:
+  """`stored` with `write(stored_array, new_array)` applied to each of its arrays (codes, scales, zero points)."""
+  return stored.replace(**{field: write(getattr(stored, field), getattr(new, field)) for field in qa.ARRAY_FIELDS
+                           if getattr(stored, field) is not None})
 
 
 # --- attention over the two views ---------------------------------------------------------------------------------
@@ -162,20 +179,19 @@ def group_complete(q_slots, kv_slots, group_size: int):
 def attend(q, k_quantized, k_float, v, *, q_slots, group_size: int, q_positions, kv_positions, q_segment_ids=None,
            kv_segment_ids=None):
   """GQA softmax attention (f32 logits) whose key at slot s is `k_quantized[s]` for queries that see its group
-  complete and `k_float[s]` otherwise; masks as `llama.attention_mask` (positions, segments)."""
-  from efficient.models.llama import attend_with_logits, attention_mask, gqa_logits
+  complete and `k_float[s]` otherwise; masks as `efficient.attention.core.attention_mask` (positions, segments)."""
   complete = group_complete(q_slots, jnp.arange(k_quantized.shape[1]), group_size)
   logits = jnp.where(complete, gqa_logits(q, k_quantized.astype(q.dtype)), gqa_logits(q, k_float.astype(q.dtype)))
   mask = attention_mask(q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   return attend_with_logits(logits, v.astype(q.dtype), mask, q.dtype)
 
 
-def update_and_attend(layer_cache: dict, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
+def update_and_attend(layer_cache: QuantizedKVCache, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
                       kv_segment_ids=None):
   """Writes the new k/v [B, T, Hkv, D] at cache slot `index` (quantizing every group the write completes) and
   attends q over the cache -> (out [B, T, H, D], new layer cache). kv_positions [B, S] cover the S slots."""
   kv_format, group_size = layer_format(layer_cache)
-  residual = layer_cache["k_residual"]
+  residual = layer_cache.k_residual
   batch, new_len = k.shape[:2]
   max_len = kv_positions.shape[1]
   # The float keys of slots [group_start, group_start + window_len): the open group, then the new keys. Every
@@ -186,23 +202,18 @@ def update_and_attend(layer_cache: dict, q, k, v, *, index, q_positions, kv_posi
   window = jnp.zeros((batch, window_groups * group_size, *residual.shape[2:]), residual.dtype)
   window = window.at[:, :group_size].set(residual)
   window = jax.lax.dynamic_update_slice_in_dim(window, k.astype(residual.dtype), index - group_start, axis=1)
-  k_codes, k_scale, k_zero = quantize_keys(window, group_size, kv_format)
   groups = group_start // group_size + jnp.arange(window_groups)
   end = index + new_len
-  v_codes, v_scale, v_zero = quantize_values(v, kv_format)
-  new_cache = {
-      "k_codes": layer_cache["k_codes"].at[:, groups].set(k_codes, mode="drop"),
-      "k_scale": layer_cache["k_scale"].at[:, groups].set(k_scale, mode="drop"),
-      "k_zero": layer_cache["k_zero"].at[:, groups].set(k_zero, mode="drop"),
-      "k_residual": jax.lax.dynamic_slice_in_dim(window, (end // group_size) * group_size - group_start,
-                                                 group_size, axis=1),
-  }
-  for name, new in (("v_codes", v_codes), ("v_scale", v_scale), ("v_zero", v_zero)):
-    new_cache[name] = jax.lax.dynamic_update_slice_in_dim(layer_cache[name], new, index, axis=1)
-  k_quantized = dequantize_keys(new_cache["k_codes"], new_cache["k_scale"], new_cache["k_zero"], kv_format,
-                                q.dtype)[:, :max_len]
+  new_cache = QuantizedKVCache(
+      k=_write(layer_cache.k, quantize_keys(window, group_size, kv_format),
+               lambda stored, new: stored.at[:, groups].set(new, mode="drop")),
+      k_residual=jax.lax.dynamic_slice_in_dim(window, (end // group_size) * group_size - group_start,
+                                              group_size, axis=1),
+      v=_write(layer_cache.v, quantize_values(v, kv_format),
+               lambda stored, new: jax.lax.dynamic_update_slice_in_dim(stored, new, index, axis=1)))
+  k_quantized = dequantize_keys(new_cache.k, q.dtype)[:, :max_len]
   k_float = k_quantized.at[:, group_start + jnp.arange(window.shape[1])].set(window.astype(q.dtype), mode="drop")
-  v_view = dequantize_values(new_cache["v_codes"], new_cache["v_scale"], new_cache["v_zero"], kv_format, q.dtype)
+  v_view = dequantize_values(new_cache.v, q.dtype)
   out = attend(q, k_quantized, k_float, v_view, q_slots=index + jnp.arange(new_len), group_size=group_size,
                q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                kv_segment_ids=kv_segment_ids)
@@ -210,8 +221,9 @@ def update_and_attend(layer_cache: dict, q, k, v, *, index, q_positions, kv_posi
 
 
 def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE, key_granularity: str = "channel"):
-  """An `AttentionFn` (llama.AttentionFn) for full forwards without a cache: k/v are quantize->dequantized exactly
-  as the cache stores them (slot = index along the sequence) and attended as `update_and_attend` does, so
+  """An `AttentionFn` (`efficient.attention.core.AttentionFn`) for full forwards without a cache: k/v are
+  quantize->dequantized exactly as the cache stores them (slot = index along the sequence) and attended as
+  `update_and_attend` does, so
   `Llama(config, attention_fn=simulated_attention_fn('int4'))` gives a quantized-KV model's perplexity in one
   forward (equal to decoding token by token with `init_cache(..., kv_format='int4')`).
 
@@ -227,12 +239,12 @@ def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE,
     if q.shape[1] != length:
       raise ValueError(f"q: simulated_attention_fn runs full forwards (q and k of one length); got q length "
                        f"{q.shape[1]} vs k length {length}. Decode with init_cache(..., kv_format=...).")
-    v_view = dequantize_values(*quantize_values(v, kv_format), kv_format, q.dtype)
+    v_view = dequantize_values(quantize_values(v, kv_format), q.dtype)
     if key_granularity == "token":  # groups of one slot: every key is complete, hence quantized, once written
-      k_quantized, key_group = dequantize_values(*quantize_values(k, kv_format), kv_format, q.dtype), 1
+      k_quantized, key_group = dequantize_values(quantize_values(k, kv_format), q.dtype), 1
     else:
       padded = jnp.pad(k, ((0, 0), (0, -length % group_size), (0, 0), (0, 0)))  # the open tail group is never read
-      k_quantized = dequantize_keys(*quantize_keys(padded, group_size, kv_format), kv_format, q.dtype)[:, :length]
+      k_quantized = dequantize_keys(quantize_keys(padded, group_size, kv_format), q.dtype)[:, :length]
       key_group = group_size
     return attend(q, k_quantized, k, v_view, q_slots=jnp.arange(length), group_size=key_group,
                   q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
@@ -242,6 +254,11 @@ def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE,
 
 
 def cache_nbytes(cache) -> int:
-  """Bytes of the k/v storage of every layer of a model cache (positions/index excluded), as stored."""
-  return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for layer in cache["layers"]
-             for name, leaf in layer.items() if name in _LAYER_KEYS + ("k", "v"))
+  """Bytes of the k/v storage of every layer of a model cache (positions/index excluded), as stored: every array
+  of a KV cache object (float k/v; or codes, scales, zero points and open-group keys), the "k"/"v" of a mixer's
+  dict state (a window's ring buffer). Works on `jax.eval_shape` output too."""
+  def storage(layer):
+    if isinstance(layer, dict):
+      return [leaf for name in ("k", "v") if name in layer for leaf in jax.tree.leaves(layer[name])]
+    return jax.tree.leaves(layer)
+  return sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for layer in cache["layers"] for leaf in storage(layer))

@@ -1,7 +1,9 @@
-"""Quantized drop-in replacements for `efficient.models.llama.Einsum` (same call signature: `module(x) -> y`).
+"""Quantized drop-in replacements for any linear layer (`efficient.nn.Einsum`, `nnx.Linear`, `nnx.Einsum`; same
+call signature: `module(x) -> y`).
 
-A replacement keeps the projection's equation and compute dtype and stores its weight as the [in, out] matrix
-view (`efficient.calibration.kernel_as_matrix`) quantized along `in`:
+A replacement keeps the layer's equation (`efficient.nn.linear_view`; '...i,io->...o' for nnx.Linear), compute
+dtype and bias (the same float `nnx.Param`: y = x Ŵ + b) and stores its weight as the [in, out] matrix view
+(`efficient.calibration.kernel_as_matrix`) quantized along `in`:
 
   QuantizedEinsum(mode='weight_only')  any QArray format; int8/int4/nf4 run through `pallas_kernels.quant_matmul`
                                        (on CPU its reference/XLA path), the others (int3/int2, fp8, MX) are
@@ -15,7 +17,8 @@ view (`efficient.calibration.kernel_as_matrix`) quantized along `in`:
 The QArray's arrays are `QuantizedWeight` variables (not `nnx.Param`: optimizers that train params leave them
 alone) carrying logical axis names: the [in, out] matrix takes the name of the kernel's leading contracted axis
 and of its leading output axis (the flattened dims keep that axis major, so the same mesh rule shards them);
-scale rows are named like the weight rows when there is more than one group. The static QArray metadata lives
+scale rows are named like the weight rows when there is more than one group. A kernel without names (a plain
+nnx.Linear) gives None axes (replicated under every `efficient.sharding` preset). The static QArray metadata lives
 on the module, so `nnx.split` yields plain arrays that orbax saves as stored (packed stays packed).
 """
 from __future__ import annotations
@@ -27,6 +30,7 @@ from flax import nnx
 from efficient import calibration
 from efficient.quant import qarray as qa
 from pallas_kernels.int8_matmul import dynamic_int8_matmul
+from pallas_kernels.quant_matmul import FORMATS as KERNEL_FORMATS  # run by quant_matmul, not dequantized
 
 MODES = ("weight_only", "w8a8", "fp8")
 _FIELDS = ("qvalue", "scale", "zero_point", "scale_scale", "scale_offset")
@@ -36,14 +40,7 @@ class QuantizedWeight(nnx.Variable):
   """An array of a quantized weight (codes, scales, zero points): frozen, not an `nnx.Param`."""
 
 
-def matrix_axis_names(module) -> tuple:
-  """Logical names of the [in, out] matrix view of `module.kernel` (the leading contracted / output axis's)."""
-  names = getattr(module.kernel, "out_sharding", None)
-  if names is None:
-    return (None, None)
-  spec = calibration.parse_equation(module.equation)
-  by_letter = dict(zip(spec["rhs"], names))
-  return (by_letter[spec["contract"][0]], by_letter[spec["outputs"][0]])
+matrix_axis_names = calibration.matrix_axis_names  # (in name, out name) of the kernel's [in, out] view
 
 
 def _variable(value, names):
@@ -57,9 +54,11 @@ class _QuantizedProjection(nnx.Module):
   """Shared plumbing: the equation, the [in, out] QArray as variables, and x/y reshaping."""
 
   def __init__(self, module, q: qa.QArray):
-    self.equation = module.equation
-    self.compute_dtype = module.compute_dtype
-    self.kernel_shape = tuple(calibration.kernel_shape(module))
+    view = calibration.linear_view(module)
+    self.equation = view.equation
+    self.compute_dtype = view.compute_dtype
+    self.kernel_shape = tuple(view.kernel.shape)
+    self.bias = calibration.bias_of(module)  # the float bias Param, unchanged (names and all)
     if q.shape != calibration.matrix_shape(module) or q.axis != 0:
       raise ValueError(f"q must be the module's [in, out] = {calibration.matrix_shape(module)} matrix quantized "
                        f"along axis 0; got shape {q.shape}, axis {q.axis}.")
@@ -83,21 +82,23 @@ class _QuantizedProjection(nnx.Module):
     """The dequantized [in, out] weight."""
     return qa.dequantize(self.qarray, dtype)
 
+  def _dtype(self, x):
+    return self.compute_dtype or x.dtype
+
   def _rows(self, x):
     """x [tokens..., in...] -> ([tokens..., in_features], tokens shape)."""
-    spec = calibration.parse_equation(self.equation)
-    perm = tuple(spec["lhs"].index(a) for a in spec["batch"] + spec["contract"])
-    moved = jnp.transpose(x, perm)
-    batch_shape = moved.shape[:len(spec["batch"])]
-    return moved.reshape(*batch_shape, -1).astype(self.compute_dtype), batch_shape
+    rows, batch_shape = calibration.inputs_as_rows(self.equation, x)
+    return rows.astype(self._dtype(x)), batch_shape
 
-  def _output(self, y, x_shape):
-    """[tokens..., out_features] -> the einsum's output layout."""
-    return calibration.outputs_from_matrix(self.equation, y.reshape(-1, y.shape[-1]), x_shape, self.kernel_shape)
+  def _output(self, y, x):
+    """[tokens..., out_features] (compute dtype) -> the einsum's output layout, plus the bias."""
+    y = calibration.outputs_from_matrix(self.equation, y.reshape(-1, y.shape[-1]), x.shape, self.kernel_shape)
+    bias = None if self.bias is None else self.bias[...]
+    return calibration.add_bias(self.equation, y, bias, x.ndim, self.kernel_shape)
 
 
 class QuantizedEinsum(_QuantizedProjection):
-  """An Einsum whose weight is a QArray; `mode` in MODES picks the product (see the module docstring)."""
+  """A linear layer whose weight is a QArray; `mode` in MODES picks the product (see the module docstring)."""
 
   def __init__(self, module, q: qa.QArray, *, mode: str = "weight_only", implementation: str | None = None):
     if mode not in MODES:
@@ -119,16 +120,11 @@ class QuantizedEinsum(_QuantizedProjection):
                               implementation=self.implementation)
     elif self.mode == "fp8":
       y = _fp8_matmul(rows, q)
-    elif q.fmt in _kernel_formats():
+    elif q.fmt in KERNEL_FORMATS:
       y = qa.matmul(rows, q, implementation=self.implementation)
     else:
-      y = jnp.matmul(rows, qa.dequantize(q, self.compute_dtype), preferred_element_type=jnp.float32)
-    return self._output(y.astype(self.compute_dtype), x.shape)
-
-
-def _kernel_formats():
-  from pallas_kernels.quant_matmul import FORMATS
-  return FORMATS
+      y = jnp.matmul(rows, qa.dequantize(q, rows.dtype), preferred_element_type=jnp.float32)
+    return self._output(y.astype(rows.dtype), x)
 
 
 def _fp8_matmul(rows, q: qa.QArray):
@@ -176,7 +172,7 @@ class LLMInt8Einsum(_QuantizedProjection):
     w_float = jnp.where(outliers[:, None], qa.dequantize(q, jnp.float32), 0.0)
     y = y + jnp.matmul(jnp.where(outliers, rows, 0.0).astype(jnp.float32), w_float,
                        preferred_element_type=jnp.float32)
-    return self._output(y.astype(self.compute_dtype), x.shape)
+    return self._output(y.astype(rows.dtype), x)
 
 
 __all__ = ["LLMInt8Einsum", "MODES", "QuantizedEinsum", "QuantizedWeight", "matrix_axis_names"]

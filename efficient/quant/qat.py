@@ -1,7 +1,7 @@
 """Basic quantization-aware training: fake quantization with the straight-through estimator (STE) and LSQ
 learnable step sizes (Esser et al. 2020), on the [in, out] matrix view of each projection.
 
-    model = prepare_qat(model, [(r".*", QATConfig(bits=4, group_size=64))])   # Einsum -> FakeQuantEinsum
+    model = prepare_qat(model, [(r".*", QATConfig(bits=4, group_size=64))])   # linear -> FakeQuantEinsum
     ... train as usual (the kernel and the step sizes are nnx.Params) ...
     convert_qat(model)                                                       # -> QuantizedEinsum (packed)
 
@@ -9,7 +9,9 @@ Forward: ŵ = s · clip(round_ste(w / s), -qmax, qmax), with round_ste(x) = x + 
 ∂ŵ/∂w = 1 inside the clip range (STE) and 0 outside, and ∂ŵ/∂s = round(w/s) - w/s inside, ±qmax outside --
 LSQ's step gradient; it is scaled by LSQ's g = 1/sqrt(numel · qmax) so steps and weights learn at similar rates.
 Steps start at RTN's absmax/qmax, so step 0 of QAT is exactly the RTN model. `convert_qat` stores the codes
-round(w/s) with the learned steps: the converted model computes what the fake-quantized one did.
+round(w/s) with the learned steps: the converted model computes what the fake-quantized one did. Any linear
+layer (`efficient.nn.Einsum`, `nnx.Linear`, `nnx.Einsum`) is matched by path (full match); its bias stays a
+float Param through both steps.
 """
 from __future__ import annotations
 
@@ -59,19 +61,21 @@ def fake_quant(w, step, *, bits: int, group_size: int):
 
 
 class FakeQuantEinsum(nnx.Module):
-  """An Einsum whose (trainable) kernel passes through LSQ fake quantization on every call."""
+  """A linear layer whose (trainable) kernel passes through LSQ fake quantization on every call (+ its bias)."""
 
   def __init__(self, module, config: QATConfig):
-    self.equation = module.equation
-    self.compute_dtype = module.compute_dtype
+    view = calibration.linear_view(module)
+    self.equation = view.equation
+    self.compute_dtype = view.compute_dtype
     self.kernel = module.kernel  # the same Param (names, dtype) keeps training
+    self.bias = calibration.bias_of(module)
     self.bits = config.bits
     k, _ = calibration.matrix_shape(module)
     self.group_size = config.group_size or k
     if k % self.group_size:
-      raise ValueError(f"group_size={config.group_size} must divide in_features={k} of {module.equation!r}.")
+      raise ValueError(f"group_size={config.group_size} must divide in_features={k} of {self.equation!r}.")
     matrix = calibration.kernel_as_matrix(module).astype(jnp.float32)
-    names = layers.matrix_axis_names(module)
+    names = calibration.matrix_axis_names(module)
     # RTN's steps (formats.quantize_int, same scale dtype as `quantize`): QAT starts at the RTN model.
     scale_dtype = "float32" if self.group_size == k else "bfloat16"
     _, init, _ = formats.quantize_int(matrix, calibrate.int_format(config.bits), self.group_size, False, True,
@@ -86,14 +90,17 @@ class FakeQuantEinsum(nnx.Module):
 
   def __call__(self, x):
     kernel = calibration.matrix_to_kernel(self, self.quantized_matrix())
-    return jnp.einsum(self.equation, x, kernel.astype(self.compute_dtype))
+    dtype = self.compute_dtype or x.dtype
+    y = jnp.einsum(self.equation, x, kernel.astype(dtype))
+    bias = None if self.bias is None else self.bias[...]
+    return calibration.add_bias(self.equation, y, bias, x.ndim, kernel.shape)
 
 
 def prepare_qat(model: nnx.Module, rules) -> nnx.Module:
-  """Swaps the Einsums matched by `rules` ((regex, QATConfig | None), first match wins) for FakeQuantEinsum."""
-  from efficient.quant.rules import plan
-  for path, config in plan(model, rules, config_type=QATConfig).items():
-    calibration.set_module(model, path, FakeQuantEinsum(calibration.get_module(model, path), config))
+  """Swaps the linear layers matched by `rules` ((path regex, QATConfig | None), first full match wins; a rule
+  matching no layer is a ValueError) for FakeQuantEinsum."""
+  for path, (module, config) in calibration.match_rules(model, rules, config_type=QATConfig).items():
+    calibration.set_module(model, path, FakeQuantEinsum(module, config))
   return model
 
 

@@ -1,18 +1,21 @@
-"""`quantize_model(model, rules, calibration_data=None)`: quantize a model's projections by module-path rules.
+"""`quantize_model(model, rules, calibration_data=None)`: quantize a model's linear layers by module-path rules.
 
-    rules = [(r"mlp/down$", None),                                   # leave float
+    rules = [(r".*/mlp/down", None),                                 # leave float
              (r".*", QuantConfig(fmt="int4", group_size=64, method="gptq"))]
     quantize_model(model, rules, calibration_data=batches)
 
-Each `efficient.models.llama.Einsum` whose path ('blocks/3/mlp/gate') matches a rule's regex (re.search; the
-first matching rule wins, `None` leaves the module float) is replaced by a `layers.QuantizedEinsum` or
-`layers.LLMInt8Einsum` -- the model code is not edited (qwix's idea). The model is modified in place (and
-returned): `nnx.clone` it first to keep the float one.
+Each linear layer -- this project's `efficient.nn.Einsum`, flax's `nnx.Linear` and `nnx.Einsum`, so a user's
+own NNX model works unchanged -- whose path ('blocks/3/mlp/gate') matches a rule's regex in full (`re.fullmatch`,
+as qwix's rules; the first matching rule wins, `None` leaves the layer float) is replaced by a
+`layers.QuantizedEinsum` or `layers.LLMInt8Einsum` that keeps its bias -- the model code is not edited (qwix's
+idea). A rule that matches no layer path, or a model without linear layers, is a ValueError. The model is
+modified in place (and returned): `nnx.clone` it first to keep the float one.
 
 Methods: RTN unless configured otherwise; `method='gptq'` (needs calibration_data); `smoothquant_alpha=α`
 first migrates activation outliers into the weights (SmoothQuant), folded exactly into the preceding RMSNorm
-scale -- q/k/v after attention_norm, gate/up after mlp_norm; every projection reading that norm gets the same
-per-channel factor, quantized or not, so the float function is unchanged. `mode='llm_int8'` is LLM.int8().
+scale -- q/k/v after attention_norm, gate/up after mlp_norm (the Llama family's paths); every projection reading
+that norm gets the same per-channel factor, quantized or not, so the float function is unchanged.
+`mode='llm_int8'` is LLM.int8().
 
 GPTQ here is one-shot: every Hessian comes from the calibration inputs of the float (smoothed) model in one pass,
 not re-collected block by block behind already-quantized layers as the GPTQ paper's sequential variant does.
@@ -88,37 +91,18 @@ Rules = Sequence[tuple[str, "QuantConfig | None"]]
 
 
 def plan(model: nnx.Module, rules: Rules, *, config_type=None) -> dict[str, QuantConfig]:
-  """{path: config} for every Einsum a rule quantizes (first matching rule wins; None leaves it float).
-  `config_type`: the config class rules must hold (QuantConfig; QATConfig for `qat.prepare_qat`)."""
-  config_type = config_type or QuantConfig
-  compiled = []
-  for i, rule in enumerate(rules):
-    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
-      raise ValueError(f"rules[{i}] must be a (path regex, QuantConfig | None) pair; got {rule!r}.")
-    pattern, config = rule
-    if config is not None and not isinstance(config, config_type):
-      raise ValueError(f"rules[{i}]: the config must be a {config_type.__name__} or None; "
-                       f"got {type(config).__name__}.")
-    try:
-      compiled.append((re.compile(pattern), config))
-    except (re.error, TypeError) as e:
-      raise ValueError(f"rules[{i}]: {pattern!r} is not a valid regular expression: {e}") from e
-  chosen = {}
-  for path in calibration.einsum_modules(model):
-    for regex, config in compiled:
-      if regex.search(path):
-        if config is not None:
-          chosen[path] = config
-        break
-  return chosen
+  """{path: config} for every linear layer a rule quantizes (first full match wins; None leaves it float; a rule
+  matching no layer path raises). `config_type`: the config class rules hold (QuantConfig; QATConfig for QAT)."""
+  matched = calibration.match_rules(model, rules, config_type=config_type or QuantConfig)
+  return {path: config for path, (_, config) in matched.items()}
 
 
 def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[dict] | None = None, *,
                    statistics: dict | None = None) -> nnx.Module:
-  """Replaces the projections matched by `rules` with quantized ones (in place); returns `model`.
+  """Replaces the linear layers matched by `rules` with quantized ones (in place); returns `model`.
 
-  calibration_data: batches (dicts with 'tokens' and optionally 'positions', 'segment_ids', 'loss_mask') for
-  GPTQ and SmoothQuant; iterated once per calibration pass (materialized into a list).
+  calibration_data: batches (dicts with 'tokens' and optionally 'positions', 'segment_ids', 'loss_mask', or
+  bare arrays: the model's one input) for GPTQ and SmoothQuant; iterated once per calibration pass (materialized into a list).
   statistics: optional `calibration.capture_hessians(model, calibration_data)` output to reuse for GPTQ (saves
   a calibration pass when several configurations quantize the same float model; ignored after SmoothQuant,
   which changes the inputs).
@@ -137,7 +121,7 @@ def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[d
     smooth_model(model, {p: chosen[p].smoothquant_alpha for p in smoothed}, calibration_data)
   stats = statistics if reuse else {}
   if gptq_paths and not reuse:
-    stats = calibration.capture_hessians(model, calibration_data, pattern=_exact(gptq_paths))
+    stats = calibration.capture_hessians(model, calibration_data, pattern=calibration.exact_pattern(gptq_paths))
   for path, config in chosen.items():
     module = calibration.get_module(model, path)
     calibration.set_module(model, path, quantize_module(module, config, stats.get(path)))
@@ -145,9 +129,9 @@ def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[d
 
 
 def quantize_module(module, config: QuantConfig, stats: dict | None = None) -> nnx.Module:
-  """The quantized replacement of one Einsum under `config` (`stats` from capture_hessians for GPTQ)."""
+  """The quantized replacement of one linear layer under `config` (`stats` from capture_hessians for GPTQ)."""
   matrix = calibration.kernel_as_matrix(module)
-  names = layers.matrix_axis_names(module)
+  names = calibration.matrix_axis_names(module)
   if config.method == "gptq":
     if stats is None:
       raise ValueError("stats (the module's captured Hessian) is required for method='gptq'.")
@@ -161,10 +145,6 @@ def quantize_module(module, config: QuantConfig, stats: dict | None = None) -> n
     return layers.LLMInt8Einsum(module, q, threshold=config.outlier_threshold,
                                 implementation=config.implementation)
   return layers.QuantizedEinsum(module, q, mode=config.mode, implementation=config.implementation)
-
-
-def _exact(paths) -> str:
-  return "^(" + "|".join(re.escape(p) for p in paths) + ")$"
 
 
 def norm_of(path: str) -> str | None:
@@ -195,7 +175,8 @@ def smooth_model(model: nnx.Module, alphas: dict[str, float], calibration_data: 
     if len(values) > 1:
       raise ValueError(f"projections reading {norm!r} ({consumers}) were given different smoothquant_alpha "
                        f"values {sorted(values)}; they share one smoothing factor.")
-  stats = calibration.capture_hessians(model, calibration_data, pattern=_exact([c[0] for c in groups.values()]))
+  stats = calibration.capture_hessians(model, calibration_data,
+                                       pattern=calibration.exact_pattern([c[0] for c in groups.values()]))
   factors = {}
   for norm_path, consumers in groups.items():
     alpha = next(alphas[p] for p in consumers if p in alphas)

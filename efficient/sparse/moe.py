@@ -2,7 +2,7 @@
 and the Switch/GShard load-balancing loss (plus an optional router z-loss).
 
     moe = MoEConfig(num_experts=8, top_k=2, capacity_factor=1.25, drop_overflow=True, load_balance_weight=0.01)
-    model = moe_llama(llama.TINY, moe, rngs=nnx.Rngs(0))          # every block's MLP becomes an MoEMLP
+    model = moe_llama(llama.TINY, moe, rngs=nnx.Rngs(0))  # efficient.models.moe: every block gets an MoEMLP
     with capture_routing() as routing:
       logits = model(tokens)
     loss = cross_entropy + moe_aux_loss(routing)["loss"]          # weighted aux losses of this forward
@@ -34,13 +34,13 @@ import contextvars
 import dataclasses
 import functools
 import math
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient.models import llama
+from efficient import nn, train
 from pallas_kernels.grouped_matmul import IMPLEMENTATIONS as GROUPED_MATMUL_IMPLEMENTATIONS
 from pallas_kernels.grouped_matmul import grouped_matmul as grouped_matmul_op
 
@@ -177,17 +177,19 @@ _ROUTING_RECORD: contextvars.ContextVar[list | None] = contextvars.ContextVar("m
 
 
 class MoEMLP(nnx.Module):
-  """Drop-in replacement of `llama.MLP`: x [B, T, D] -> [B, T, D] through top-k routed SwiGLU experts."""
+  """Drop-in replacement of a SwiGLU MLP: x [B, T, D] -> [B, T, D] through top-k routed SwiGLU experts of width
+  `moe.expert_dim` (default `mlp_dim`)."""
 
-  def __init__(self, config: llama.LlamaConfig, moe: MoEConfig, *, rngs: nnx.Rngs, name: str = "moe"):
+  def __init__(self, embed_dim: int, mlp_dim: int, moe: MoEConfig, *, rngs: nnx.Rngs, name: str = "moe",
+               param_dtype=jnp.float32, compute_dtype=jnp.float32, init_std: float = nn.DEFAULT_INIT_STD):
     self.moe = moe
     self.name = name  # labels this layer's statistics in `capture_routing` records
-    self.compute_dtype = config.compute_dtype
-    e, d, f = moe.num_experts, config.embed_dim, moe.expert_dim or config.mlp_dim
-    init = nnx.initializers.normal(config.init_std)
+    self.compute_dtype = compute_dtype
+    e, d, f = moe.num_experts, embed_dim, moe.expert_dim or mlp_dim
+    init = nn.normal_init(init_std)
 
     def param(shape, names):
-      return llama.logical_param(init(rngs.params(), shape, config.param_dtype), names)
+      return nn.logical_param(init(rngs.params(), shape, param_dtype), names)
 
     self.router = param((d, e), ("embed", "expert"))
     self.gate = param((e, d, f), ("expert", "embed", "mlp"))
@@ -239,7 +241,6 @@ def moe_aux_loss(routing: list) -> dict:
 
 def batch_loss_with_aux(model: nnx.Module, batch: dict):
   """`efficient.train.batch_loss` plus the MoE auxiliary loss: (ce + aux, (ce, loss tokens, routing stats))."""
-  from efficient import train  # lazy: efficient.train pulls in orbax/optax only where training happens
   with capture_routing() as routing:
     ce, tokens = train.batch_loss(model, batch)
   aux = moe_aux_loss(routing)
@@ -252,31 +253,6 @@ def moe_layers(model: nnx.Module) -> dict[str, MoEMLP]:
           if isinstance(module, MoEMLP)}
 
 
-def moe_llama(config: llama.LlamaConfig, moe: MoEConfig, *, rngs: nnx.Rngs,
-              layers: Iterable[int] | None = None, **llama_kwargs) -> llama.Llama:
-  """A `llama.Llama` whose blocks in `layers` (default: all) have an MoEMLP instead of the dense MLP."""
-  chosen = range(config.num_layers) if layers is None else list(layers)
-  for index in chosen:
-    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < config.num_layers:
-      raise ValueError(f"layers must hold block indices in [0, {config.num_layers}), got {index!r}.")
-  model = llama.Llama(config, rngs=rngs, **llama_kwargs)
-  for index in chosen:
-    model.blocks[index].mlp = MoEMLP(config, moe, rngs=rngs, name=f"blocks/{index}/mlp")
-  return model
-
-
-def active_and_total_mlp_parameters(config: llama.LlamaConfig, moe: MoEConfig | None) -> dict[str, int]:
-  """MLP parameters per layer: total, and active per token (k experts + router for MoE; all for dense)."""
-  d = config.embed_dim
-  if moe is None:
-    total = 3 * d * config.mlp_dim
-    return {"total": total, "active": total}
-  f = moe.expert_dim or config.mlp_dim
-  expert = 3 * d * f
-  return {"total": moe.num_experts * expert + d * moe.num_experts,
-          "active": moe.top_k * expert + d * moe.num_experts}
-
-
-__all__: Sequence[str] = ("MoEConfig", "MoEMLP", "STAT_NAMES", "active_and_total_mlp_parameters",
+__all__: Sequence[str] = ("MoEConfig", "MoEMLP", "STAT_NAMES",
                           "batch_loss_with_aux", "capture_routing", "dispatch_plan", "load_balance_loss", "moe_aux_loss", "moe_forward", "moe_layers",
-                          "moe_llama", "route", "router_z_loss")
+                          "route", "router_z_loss")

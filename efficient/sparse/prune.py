@@ -9,8 +9,10 @@
   row of H⁻¹ after eliminating inputs < i), which keeps X W close to the dense output. The mask is chosen per
   block of `block_size` inputs from w² / U_ii² (adaptive mask selection), or per group of m inputs for N:M;
   updates to later blocks are batched once per block (lazy batch updates), which is exact.
-- `prune_model(model, rules, calibration_data)`: rules (regex on 'blocks/3/mlp/gate' -> PruneConfig) choose a
-  method per projection; Hessians are captured once by `efficient.calibration.capture_hessians` (the same code
+- `prune_model(model, rules, calibration_data)`: rules (regex matching a path like 'blocks/3/mlp/gate' in full
+  -> PruneConfig, or None to keep the layer dense; first match wins) choose a method per linear layer -- any
+  `efficient.nn.Einsum`, `nnx.Linear` or `nnx.Einsum`, so a user's NNX model works unchanged; the kernel is
+  pruned in place and a bias is left as it is (y = x (W * mask) + b); Hessians are captured once by `efficient.calibration.capture_hessians` (the same code
   GPTQ uses) from the dense model ("one-shot": every layer sees dense-model inputs, not its pruned
   predecessors' -- the papers feed pruned activations forward layer by layer, which we do not do here).
 """
@@ -18,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import re
 from typing import Iterable, Mapping, Sequence
 
 import jax
@@ -213,31 +214,7 @@ def reconstruction_error(x, w, w_hat) -> float:
   return float(np.sum((x @ (w - w_hat)) ** 2) / np.sum((x @ w) ** 2))
 
 
-Rules = Sequence[tuple[str, PruneConfig]] | Mapping[str, PruneConfig]
-
-
-def _match_rules(model, rules: Rules) -> dict[str, tuple]:
-  """{path: (module, config)} by the first rule whose regex (re.search) matches the projection's path."""
-  rules = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
-  if not rules:
-    raise ValueError("rules must hold at least one (path regex, PruneConfig) pair.")
-  compiled = []
-  for pattern, config in rules:
-    if not isinstance(config, PruneConfig):
-      raise ValueError(f"rules[{pattern!r}] must be a PruneConfig; got {type(config).__name__}.")
-    try:
-      compiled.append((re.compile(pattern), config))
-    except re.error as e:
-      raise ValueError(f"rules: {pattern!r} is not a valid regular expression: {e}") from e
-  matched = {}
-  for path, module in calibration.einsum_modules(model).items():
-    for regex, config in compiled:
-      if regex.search(path):
-        matched[path] = (module, config)
-        break
-  if not matched:
-    raise ValueError(f"rules {[p for p, _ in rules]} match no Einsum module of the model.")
-  return matched
+Rules = Sequence[tuple[str, "PruneConfig | None"]] | Mapping[str, "PruneConfig | None"]
 
 
 def prune_model(model, rules: Rules, calibration_data: Iterable[dict] | None = None, *,
@@ -249,14 +226,13 @@ def prune_model(model, rules: Rules, calibration_data: Iterable[dict] | None = N
   `capture_hessians` takes them) for the matched paths, or passed precomputed as `hessians` (reuse one capture
   across several pruning runs of the same dense model). `progress(path)` is called per projection.
   """
-  matched = _match_rules(model, rules)
+  matched = calibration.match_rules(model, rules, config_type=PruneConfig)
   needs = [path for path, (_, config) in matched.items() if config.needs_calibration]
   if needs and hessians is None:
     if calibration_data is None:
       raise ValueError(f"calibration_data is required: rules use "
                        f"{sorted({matched[p][1].method for p in needs})} on {len(needs)} projections.")
-    pattern = "^(" + "|".join(re.escape(p) for p in needs) + ")$"
-    hessians = calibration.capture_hessians(model, calibration_data, pattern=pattern)
+    hessians = calibration.capture_hessians(model, calibration_data, pattern=calibration.exact_pattern(needs))
   missing = [p for p in needs if p not in hessians]
   if missing:
     raise ValueError(f"hessians lacks {len(missing)} matched projections, e.g. {missing[:3]}.")

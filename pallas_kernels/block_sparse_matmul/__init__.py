@@ -13,6 +13,7 @@ touch the zero blocks: the cotangent of `w` is a BlockSparseMatrix-shaped pytree
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,7 @@ __all__ = ["BlockSparseMatrix", "IMPLEMENTATIONS", "block_sparse_matmul", "cost"
            "from_dense"]
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 
 
 def block_sparse_matmul(x, w: BlockSparseMatrix, *, implementation=None, block_m=None, out_dtype=None):
@@ -36,7 +37,8 @@ def block_sparse_matmul(x, w: BlockSparseMatrix, *, implementation=None, block_m
   x and w.values are float32 or bfloat16 (alike); products accumulate in f32; the result has `out_dtype`
   (default x.dtype). `block_m` tiles the rows of x (TPU: multiple of 8; GPU: power of two >= 16). The TPU
   kernel needs bk and bn to be multiples of 128 (or the whole K / N); the GPU kernel powers of two >= 16.
-  `implementation`: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+  `implementation`: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+  IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
   """
   out_dtype = _check(x, w, out_dtype, block_m)
   implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="block_sparse_matmul")
@@ -121,9 +123,10 @@ def _check(x, w, out_dtype, block_m):
   return out_dtype
 
 
-def cost(m: int, k: int, n: int, *, nnz_blocks: int, block_shape, dtype, block_m=None,
-         max_blocks_per_col=None) -> dict:
-  """Modelled cost of the TPU forward kernel for [m, k] @ W [k, n] with `nnz_blocks` stored (bk, bn) blocks.
+def cost(x_shape, w_shape, *, dtype, nnz_blocks: int, block_shape, max_blocks_per_col=None, block_m=None) -> dict:
+  """Modelled cost of the TPU forward kernel for x [..., K] @ W, W of `w_shape` (K, N) with `nnz_blocks` stored
+  (bk, bn) = `block_shape` blocks (a `BlockSparseMatrix` w gives w.shape, w.nnz_blocks, w.block_shape and
+  max_blocks_per_col = w.col_slots.shape[1]).
 
   The grid (M/bm, N/bn, Tc) executes a product only for stored blocks, and every stored block's step fetches its
   x tile [bm, bk] and its value block [bk, bn] (an upper bound: consecutive steps that reuse a tile skip the
@@ -131,9 +134,13 @@ def cost(m: int, k: int, n: int, *, nnz_blocks: int, block_shape, dtype, block_m
   x / W traffic are proportional to block density. `ideal_bytes` reads x, the stored blocks and the tables once
   and writes the output once. `max_blocks_per_col` (Tc, default the balanced ceil(nnz/Nb)) sizes the table.
   """
+  *leading, k = x_shape
+  if len(w_shape) != 2 or w_shape[0] != k:
+    raise ValueError(f"w_shape must be (K, N) with K = x_shape[-1] = {k}; got {tuple(w_shape)}.")
+  m, n = math.prod(leading), w_shape[1]
   bk, bn = block_shape
   if k % bk or n % bn:
-    raise ValueError(f"block_shape {tuple(block_shape)} must divide (k, n) = {(k, n)}.")
+    raise ValueError(f"block_shape {tuple(block_shape)} must divide w_shape (K, N) = {(k, n)}.")
   kb, nb = k // bk, n // bn
   if not 0 <= nnz_blocks <= kb * nb:
     raise ValueError(f"nnz_blocks={nnz_blocks} must be in [0, {kb * nb}] for a {kb}x{nb} block grid.")

@@ -32,12 +32,13 @@ import numbers
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _dispatch, _util
 from pallas_kernels.flash_attention import _common, gpu, reference, tpu, xla
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_MODULES = {"xla": xla, "pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_MODULES = {"xla": xla, **_dispatch.kernel_modules(tpu=tpu, gpu=gpu)}
 
 
 def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=None, logit_soft_cap=None,
@@ -51,7 +52,8 @@ def flash_attention(q, k, v, *, causal=True, sliding_window=None, segment_ids=No
       kv_segment_ids [B, S]); queries only see keys of the same segment.
     logit_soft_cap: None or c > 0: logits become c * tanh(logits / c) (Gemma 2 style), before masking.
     scale: logit scale, default head_dim ** -0.5.
-    implementation: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+    implementation: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+      IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
     block_q, block_kv: tile sizes (query rows, keys) of the kernels or chunk sizes of the XLA path; defaults
       tpu/gpu/xla.DEFAULT_BLOCKS. TPU: block_q a multiple of 8, block_kv of 128 (or the whole length);
       GPU: powers of two >= 16.
@@ -113,6 +115,13 @@ def _is_positive_number(value):
   return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
+def _check_soft_cap_and_scale(logit_soft_cap, scale):
+  if logit_soft_cap is not None and not _is_positive_number(logit_soft_cap):
+    raise ValueError(f"logit_soft_cap={logit_soft_cap!r} must be a positive number (or None).")
+  if scale is not None and not _is_positive_number(scale):
+    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+
+
 def _check(q, k, v, causal, sliding_window, segment_ids, logit_soft_cap, scale, block_q, block_kv):
   """Raises one `ValueError` naming the first bad argument; returns (q_segment_ids, kv_segment_ids)."""
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -138,10 +147,7 @@ def _check(q, k, v, causal, sliding_window, segment_ids, logit_soft_cap, scale, 
       raise ValueError(f"sliding_window={sliding_window!r} must be an int >= 1 (or None).")
     if not causal:
       raise ValueError("sliding_window is a left window and needs causal=True.")
-  if logit_soft_cap is not None and not _is_positive_number(logit_soft_cap):
-    raise ValueError(f"logit_soft_cap={logit_soft_cap!r} must be a positive number (or None).")
-  if scale is not None and not _is_positive_number(scale):
-    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _check_soft_cap_and_scale(logit_soft_cap, scale)
   _util.check_block_arg("block_q", block_q)
   _util.check_block_arg("block_kv", block_kv)
   return _check_segment_ids(segment_ids, batch, q_len, k.shape[1])
@@ -170,10 +176,10 @@ def _check_segment_ids(segment_ids, batch, q_len, kv_len):
   return jnp.asarray(q_seg, jnp.int32), jnp.asarray(kv_seg, jnp.int32)
 
 
-def cost(batch: int, q_len: int, kv_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
-         causal=True, sliding_window=None, segment_ids=False, block_q=None, block_kv=None,
-         backward=False) -> dict:
-  """Modelled cost of the TPU kernels (forward, or forward + backward with `backward=True`).
+def cost(q_shape, k_shape, *, dtype, causal=True, sliding_window=None, segment_ids=False, block_q=None,
+         block_kv=None, backward=False) -> dict:
+  """Modelled cost of the TPU kernels (forward, or forward + backward with `backward=True`) for q [B, T, H, D]
+  and k, v [B, S, H_kv, D] in `dtype`; `segment_ids`: whether segment ids are passed.
 
   Follows the grid and BlockSpecs of tpu.py, counting only the (query block, key block) pairs that causal and
   window block skipping visit (segment ids skip nothing at block level): `flops` of the matmuls on visited
@@ -182,6 +188,7 @@ def cost(batch: int, q_len: int, kv_len: int, num_heads: int, num_kv_heads: int,
   statistics; `ideal_bytes` reads q, k, v once and writes out once (backward: also reads o, do and writes dq,
   dk, dv), unpadded.
   """
+  batch, q_len, num_heads, head_dim, kv_len, num_kv_heads = _attention_dims(q_shape, k_shape, "k_shape")
   block_q, block_kv = tpu.resolve_blocks(q_len, kv_len, block_q, block_kv)
   g = _common.Geometry(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, causal=causal,
                        window=sliding_window, soft_cap=None, scale=1.0)
@@ -251,24 +258,40 @@ def _check_decode(q, k_cache, v_cache, lengths, logit_soft_cap, scale, block_kv,
   if tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
     raise ValueError(f"lengths must be an integer array of shape (B,) = ({batch},); "
                      f"got {lengths.dtype}{tuple(lengths.shape)}.")
-  if logit_soft_cap is not None and not _is_positive_number(logit_soft_cap):
-    raise ValueError(f"logit_soft_cap={logit_soft_cap!r} must be a positive number (or None).")
-  if scale is not None and not _is_positive_number(scale):
-    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _check_soft_cap_and_scale(logit_soft_cap, scale)
   _util.check_block_arg("block_kv", block_kv)
   _util.check_block_arg("num_splits", num_splits)
 
 
-def cost_decode(batch: int, max_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype, *,
-                length=None, block_kv=None, num_splits=None) -> dict:
-  """Modelled cost of the TPU decode kernel with every sequence holding `length` rows (default S_max).
+def cost_decode(q_shape, k_cache_shape, *, dtype, lengths=None, block_kv=None, num_splits=None) -> dict:
+  """Modelled cost of the TPU decode kernel for q [B, H, D] against k_cache, v_cache [B, S_max, H_kv, D] in
+  `dtype`, the sequences holding `lengths` rows (B ints, or one int for all; default S_max).
 
   `hbm_bytes`: q (block-diagonal, [H, H_kv * D]) once, the K and V blocks below the length (whole blocks), the
   f32 partial results of every split; `ideal_bytes`: q, the valid K/V rows and the output once. `flops`
   include the H_kv-fold redundancy of the block-diagonal layout.
   """
+  if len(q_shape) != 3:
+    raise ValueError(f"q_shape must be [B, H, D] (one query step); got {tuple(q_shape)}.")
+  batch, _, num_heads, head_dim, max_len, num_kv_heads = _attention_dims(
+      (q_shape[0], 1, *q_shape[1:]), k_cache_shape, "k_cache_shape")
   block = tpu.resolve_decode_block(max_len, block_kv)
-  length = max_len if length is None else length
+  lengths = np.asarray(max_len if lengths is None else lengths)
+  if lengths.shape not in ((), (batch,)):
+    raise ValueError(f"lengths must be one int or B={batch} ints; got shape {lengths.shape}.")
+  lengths = np.clip(np.broadcast_to(lengths, (batch,)), 0, max_len)  # as the op clips them
   splits = min(num_splits or DEFAULT_DECODE_SPLITS, max_len // block)
-  return tpu.decode_cost(batch, max_len, length, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
-                         block_kv=block, num_splits=splits)
+  per_sequence = [tpu.decode_cost(1, max_len, int(length), num_heads, num_kv_heads, head_dim,
+                                  jnp.dtype(dtype).itemsize, block_kv=block, num_splits=splits)
+                  for length in lengths]
+  return {key: sum(cost[key] for cost in per_sequence) for key in per_sequence[0]}
+
+
+def _attention_dims(q_shape, k_shape, k_name: str):
+  """(B, T, H, D, S, H_kv) of q [B, T, H, D] and k [B, S, H_kv, D]; a `ValueError` naming the bad shape."""
+  if len(q_shape) != 4:
+    raise ValueError(f"q_shape must be [B, T, H, D]; got {tuple(q_shape)}.")
+  if len(k_shape) != 4 or k_shape[0] != q_shape[0] or k_shape[3] != q_shape[3]:
+    raise ValueError(f"{k_name} must be [B={q_shape[0]}, S, H_kv, D={q_shape[3]}] to match q_shape; got "
+                     f"{tuple(k_shape)}.")
+  return (*q_shape, k_shape[1], k_shape[2])

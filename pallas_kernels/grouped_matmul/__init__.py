@@ -24,10 +24,10 @@ import numpy as np
 from pallas_kernels import _dispatch, _util
 from pallas_kernels.grouped_matmul import gpu, reference, tpu, xla
 
-__all__ = ["IMPLEMENTATIONS", "cost", "grouped_matmul", "transposed_grouped_matmul"]
+__all__ = ["IMPLEMENTATIONS", "cost", "cost_transposed", "grouped_matmul", "transposed_grouped_matmul"]
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 
 
 def grouped_matmul(lhs, rhs, group_sizes, *, implementation=None, tiling=None, out_dtype=None):
@@ -37,7 +37,8 @@ def grouped_matmul(lhs, rhs, group_sizes, *, implementation=None, tiling=None, o
   lhs and rhs are float32 or bfloat16 (alike); products accumulate in f32; the result has `out_dtype` (default
   lhs.dtype). `tiling` = (tm, tk, tn) tiles the forward product (None, or None entries: the kernel's defaults;
   TPU: tm a multiple of 8, tk / tn of 128, or the whole dimension; GPU: powers of two >= 16); the backward
-  products use the defaults. `implementation`: None (by backend) or one of IMPLEMENTATIONS.
+  products use the defaults. `implementation`: None (the `pallas_kernels.implementation` policy, else by
+  backend) or one of IMPLEMENTATIONS.
   """
   out_dtype, tiling = _check(lhs, rhs, group_sizes, tiling, out_dtype, second="rhs")
   implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="grouped_matmul")
@@ -178,17 +179,47 @@ def _block_copies(*indices) -> int:
   return 1 + int(np.count_nonzero(np.any(stacked[1:] != stacked[:-1], axis=-1)))
 
 
-def cost(m: int, k: int, n: int, num_groups: int, *, dtype, group_sizes=None, tiling=None,
-         transposed: bool = False) -> dict:
-  """Modelled cost of the TPU kernel (`transposed`: the weight-gradient kernel) for lhs [m, k], G = num_groups.
+def cost(lhs_shape, rhs_shape, *, dtype, group_sizes=None, tiling=None) -> dict:
+  """Modelled cost of the TPU `grouped_matmul` kernel for lhs [M, K] x rhs [G, K, N] in `dtype`.
 
-  Walks the kernel's grid -- (N tiles, visits, K tiles) forward, (K tiles, N tiles, visits) transposed -- over
-  the visit schedule of `group_sizes` (default: balanced) and counts a tile's bytes each time its block index
-  changes, as the Pallas pipeline does. So an expert's weight tile is read once per run of consecutive visits of
-  that group: once per group per N tile when the whole K fits one tile, else once per row tile that touches the
-  group; lhs tiles are re-read per N tile. `flops` are those executed (straddled tiles compute whole tiles).
-  `ideal_bytes` reads each operand and writes the output once (the group sizes included in both).
+  Walks the kernel's grid (N tiles, visits, K tiles) over the visit schedule of `group_sizes` (G ints; default
+  balanced) and counts a tile's bytes each time its block index changes, as the Pallas pipeline does. So an
+  expert's weight tile is read once per run of consecutive visits of that group: once per group per N tile when
+  the whole K fits one tile, else once per row tile that touches the group; lhs tiles are re-read per N tile.
+  `flops` are those executed (straddled tiles compute whole tiles). `ideal_bytes` reads each operand and writes
+  the output once (the group sizes included in both).
   """
+  _check_lhs_shape(lhs_shape)
+  if len(rhs_shape) != 3 or rhs_shape[1] != lhs_shape[1]:
+    raise ValueError(f"rhs_shape must be [G, K={lhs_shape[1]}, N] to match lhs_shape; got {tuple(rhs_shape)}.")
+  (m, k), (num_groups, n) = lhs_shape, (rhs_shape[0], rhs_shape[2])
+  return _cost(m, k, n, num_groups, dtype, group_sizes, tiling, transposed=False)
+
+
+def cost_transposed(lhs_shape, grad_shape, *, dtype, num_groups=None, group_sizes=None, tiling=None) -> dict:
+  """Modelled cost of the TPU `transposed_grouped_matmul` kernel (the weight gradient) for lhs [M, K] and
+  grad [M, N] in `dtype` -> [G, K, N]; G = `num_groups` (default len(group_sizes)).
+
+  As `cost`, over the grid (K tiles, N tiles, visits): lhs tiles are re-read per N tile, grad tiles per K tile,
+  every output tile is written once.
+  """
+  _check_lhs_shape(lhs_shape)
+  if len(grad_shape) != 2 or grad_shape[0] != lhs_shape[0]:
+    raise ValueError(f"grad_shape must be [M={lhs_shape[0]}, N] to match lhs_shape; got {tuple(grad_shape)}.")
+  if num_groups is None and group_sizes is None:
+    raise ValueError("num_groups: give it (G of the [G, K, N] result) or group_sizes.")
+  num_groups = len(group_sizes) if num_groups is None else num_groups
+  (m, k), n = lhs_shape, grad_shape[1]
+  return _cost(m, k, n, num_groups, dtype, group_sizes, tiling, transposed=True)
+
+
+def _check_lhs_shape(lhs_shape):
+  if len(lhs_shape) != 2:
+    raise ValueError(f"lhs_shape must be [M, K]; got {tuple(lhs_shape)}.")
+
+
+def _cost(m: int, k: int, n: int, num_groups: int, dtype, group_sizes, tiling, *, transposed: bool) -> dict:
+  """`cost` (transposed=False) and `cost_transposed` on the problem sizes: walks the kernel's grid."""
   sizes = _balanced_sizes(m, num_groups) if group_sizes is None else np.asarray(group_sizes)
   if sizes.shape != (num_groups,) or sizes.min() < 0 or sizes.sum() > m:
     raise ValueError(f"group_sizes must be {num_groups} non-negative ints summing to <= m={m}; got {sizes}.")

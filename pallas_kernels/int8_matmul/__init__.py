@@ -9,6 +9,7 @@ its scales get no gradient. `int8_matmul` itself takes integers only and is not 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +18,7 @@ from pallas_kernels import _dispatch, _util
 from pallas_kernels.int8_matmul import gpu, reference, tpu
 
 IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 quantize_activations = reference.quantize_activations
 
 
@@ -27,7 +28,8 @@ def int8_matmul(x_q, x_scale, w_q, w_scale, *, out_dtype=jnp.float32, implementa
 
   x_q and w_q are int8; products accumulate exactly in int32; the scales (f32 or bf16) are applied in f32 once.
   `block_m/n/k` tile the product (defaults: tpu.DEFAULT_BLOCKS, gpu.DEFAULT_BLOCKS).
-  `implementation`: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+  `implementation`: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+  IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
   """
   out_dtype = _check(x_q, x_scale, w_q, w_scale, out_dtype, block_m=block_m, block_n=block_n, block_k=block_k)
   implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="int8_matmul")
@@ -117,13 +119,18 @@ def _check(x_q, x_scale, w_q, w_scale, out_dtype, **blocks):
   return out_dtype
 
 
-def cost(m: int, k: int, n: int, *, out_dtype=jnp.float32, block_m=None, block_n=None, block_k=None) -> dict:
-  """Modelled cost of the TPU kernel for int8 [m, k] @ int8 [k, n] with f32 scales.
+def cost(x_q_shape, w_q_shape, *, out_dtype=jnp.float32, block_m=None, block_n=None, block_k=None) -> dict:
+  """Modelled cost of the TPU kernel for int8 x_q [..., K] @ int8 w_q [K, N] with f32 scales (the operand
+  dtypes are fixed, so there is no `dtype`; the output is in `out_dtype`).
 
   Grid (M/bm, N/bn, K/bk), K innermost: x tiles are fetched once per N block, w tiles once per M block, the
   per-token scales once per (M, N) block (their index ignores K), the per-channel scales once per M block, the
   output written once; padding counts. `ideal_bytes` reads each operand once and writes the output once.
   """
+  *leading, k = x_q_shape
+  if len(w_q_shape) != 2 or w_q_shape[0] != k:
+    raise ValueError(f"w_q_shape must be (K, N) with K = x_q_shape[-1] = {k}; got {tuple(w_q_shape)}.")
+  m, n = math.prod(leading), w_q_shape[1]
   block_m, block_n, block_k = tpu.resolve_blocks(m, k, n, block_m, block_n, block_k)
   padded_m, padded_n, padded_k = (_util.round_up(m, block_m), _util.round_up(n, block_n),
                                   _util.round_up(k, block_k))

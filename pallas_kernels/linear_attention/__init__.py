@@ -26,7 +26,7 @@ from pallas_kernels.linear_attention.reference import recurrent_step
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
 FORMS = {"reference": ("naive", "recurrent")}  # every other implementation runs the 'chunk' form
 DEFAULT_CHUNK = 64
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 
 __all__ = ["linear_attention", "recurrent_step", "cost", "IMPLEMENTATIONS", "FEATURE_MAPS"]
 
@@ -51,7 +51,8 @@ def linear_attention(q, k, v, *, feature_map="identity", log_decay=None, log_gat
       a multiple (padded steps do not touch the state). TPU: a multiple of 8; GPU: a power of two >= 16.
     form: 'naive' (quadratic, default) or 'recurrent' (lax.scan over time) for implementation='reference';
       every other implementation is the 'chunk' form.
-    implementation: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+    implementation: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+      IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
 
   Returns:
     o [B, T, H, V] in q.dtype, or (o, final_state [B, H, K', V'] f32) with return_final_state.
@@ -208,21 +209,30 @@ def _check(q, k, v, *, feature_map, log_decay, log_gates, scale, normalize, eps,
   return form, chunk_size
 
 
-def cost(batch: int, seq_len: int, heads: int, k_dim: int, v_dim: int, dtype, *, gates=None, feature_map="identity",
-         normalize=False, chunk_size=None) -> dict:
-  """Modelled cost of the TPU forward kernel (grid (B*H, chunks)) for inputs in `dtype`.
+def cost(q_shape, v_shape, *, dtype, feature_map="identity", log_decay=False, log_gates=False, normalize=False,
+         chunk_size=None) -> dict:
+  """Modelled cost of the TPU forward kernel (grid (B*H, chunks)) for q, k [B, T, H, K] and v [B, T, H, V] in
+  `dtype`; `log_decay` / `log_gates`: whether a fixed decay / data-dependent gates are passed (at most one).
 
-  gates: None, 'decay' or 'gates'. `hbm_bytes` follows the BlockSpecs: every grid step reads its q, k [C, K_p],
-  v [C, V_p] (and f32 log gates [C, Kg]) blocks and writes o [C, V_p]; the f32 initial and final states
-  [K_p, V_p] move once per (batch, head). Padding (time to whole chunks, feature dims to the kernel's tiling)
-  counts, as the kernel moves it. `ideal_bytes` reads q, k, v, the gates and the initial state and writes o and the
-  final state once, unpadded. `flops`: the four chunk matmuls (q k^T, A v, q S, k^T v) plus the gate cumsum.
+  `hbm_bytes` follows the BlockSpecs: every grid step reads its q, k [C, K_p], v [C, V_p] (and f32 log gates
+  [C, Kg]) blocks and writes o [C, V_p]; the f32 initial and final states [K_p, V_p] move once per (batch, head).
+  Padding (time to whole chunks, feature dims to the kernel's tiling) counts, as the kernel moves it.
+  `ideal_bytes` reads q, k, v, the gates and the initial state and writes o and the final state once, unpadded.
+  `flops`: the four chunk matmuls (q k^T, A v, q S, k^T v) plus the gate cumsum.
   """
+  if len(q_shape) != 4:
+    raise ValueError(f"q_shape must be [B, T, H, K]; got {tuple(q_shape)}.")
+  if len(v_shape) != 4 or tuple(v_shape[:3]) != tuple(q_shape[:3]):
+    raise ValueError(f"v_shape must be [B, T, H, V] with (B, T, H) of q_shape [B, T, H, K] = {tuple(q_shape)}; "
+                     f"got {tuple(v_shape)}.")
+  if log_decay and log_gates:
+    raise ValueError("log_decay and log_gates: at most one is passed (a fixed decay or data-dependent gates).")
+  (batch, seq_len, heads, k_dim), v_dim = q_shape, v_shape[3]
   key_dim = common.feature_dim(feature_map, k_dim)
   value_dim = v_dim + (1 if normalize else 0)
   chunk = tpu.resolve_chunk(chunk_size, seq_len, default=DEFAULT_CHUNK)
   k_pad, v_pad = tpu.feature_padding(key_dim, value_dim)
-  gate_dim = {None: 0, "decay": 1, "gates": k_pad}[gates]
+  gate_dim = 1 if log_decay else k_pad if log_gates else 0  # f32 gate columns per row the kernel reads
   padded_t = _util.round_up(seq_len, chunk)
   rows = batch * heads * padded_t
   itemsize = jnp.dtype(dtype).itemsize
@@ -230,7 +240,7 @@ def cost(batch: int, seq_len: int, heads: int, k_dim: int, v_dim: int, dtype, *,
   state_bytes = 2 * batch * heads * k_pad * v_pad * 4
   moved = rows * ((2 * k_pad + v_pad) * itemsize + v_pad * out_itemsize + gate_dim * 4) + state_bytes
   real_rows = batch * heads * seq_len
-  ideal_gates = {None: 0, "decay": heads, "gates": real_rows * key_dim}[gates] * 4
+  ideal_gates = 4 * (heads if log_decay else real_rows * key_dim if log_gates else 0)
   ideal = (real_rows * ((2 * k_dim + v_dim) * itemsize + v_dim * jnp.dtype(dtype).itemsize) + ideal_gates
            + 2 * batch * heads * key_dim * value_dim * 4)
   flops = rows * (2 * chunk * (k_pad + v_pad) + 4 * k_pad * v_pad + 2 * chunk * gate_dim)

@@ -7,6 +7,7 @@ of the same kernel, dx = dy @ w.T and dw = x.T @ dy (the transposes are material
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -15,7 +16,7 @@ from pallas_kernels import _dispatch, _util
 from pallas_kernels.matmul import gpu, reference, tpu
 
 IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 
 
 def matmul(x, w, bias=None, *, implementation=None, block_m=None, block_n=None, block_k=None, out_dtype=None):
@@ -25,7 +26,8 @@ def matmul(x, w, bias=None, *, implementation=None, block_m=None, block_n=None, 
   (default x.dtype). `block_m/n/k` tile the forward product (defaults: tpu.DEFAULT_BLOCKS, gpu.DEFAULT_BLOCKS);
   the two backward products use the kernel's defaults, since e.g. block_m=8 is a legal row block but not a
   legal contraction block once M becomes the contracted dimension of dw = x.T @ dy.
-  `implementation`: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+  `implementation`: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+  IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
   """
   out_dtype = _check(x, w, bias, out_dtype, block_m=block_m, block_n=block_n, block_k=block_k)
   implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="matmul")
@@ -97,14 +99,19 @@ def _check(x, w, bias, out_dtype, **blocks):
   return out_dtype
 
 
-def cost(m: int, k: int, n: int, dtype, *, block_m=None, block_n=None, block_k=None, bias=False) -> dict:
-  """Modelled cost of the TPU forward kernel for an [m, k] @ [k, n] product in `dtype` (output in `dtype`).
+def cost(x_shape, w_shape, *, dtype, bias=False, block_m=None, block_n=None, block_k=None) -> dict:
+  """Modelled cost of the TPU forward kernel for x [..., K] @ w [K, N] in `dtype` (output in `dtype`); `bias`:
+  whether a bias [N] is added.
 
   `hbm_bytes` follows the grid (M/bm, N/bn, K/bk) with K innermost: every x tile is fetched once per N block,
   every w tile once per M block, the bias block once per (M, N) block and the output written once; padding to
   whole blocks counts, as the kernel moves it. `ideal_bytes` reads each operand and writes the output once.
   `flops` are those the kernel executes on the padded blocks.
   """
+  *leading, k = x_shape
+  if len(w_shape) != 2 or w_shape[0] != k:
+    raise ValueError(f"w_shape must be (K, N) with K = x_shape[-1] = {k}; got {tuple(w_shape)}.")
+  m, n = math.prod(leading), w_shape[1]
   block_m, block_n, block_k = tpu.resolve_blocks(m, k, n, block_m, block_n, block_k)
   padded_m, padded_n, padded_k = (_util.round_up(m, block_m), _util.round_up(n, block_n),
                                   _util.round_up(k, block_k))

@@ -18,6 +18,7 @@ share a packed byte; `efficient.quant.quantize` refuses such a group size up fro
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -27,7 +28,8 @@ from pallas_kernels.quant_matmul import gpu, reference, tpu
 
 IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
 FORMATS = reference.FORMATS
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+BITS = reference.BITS  # bits per code: the stored w of a [K, N] weight has K * BITS[fmt] / 8 rows
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 _WEIGHT_DTYPES = {"int8": (jnp.int8,), "int4": (jnp.uint8,), "nf4": (jnp.uint8,)}
 
 
@@ -41,7 +43,8 @@ def quant_matmul(x, w, scale, zero_point=None, *, fmt: str, scale_scale=None, sc
   scale_scale, scale_offset   NF4 double quantization: f32 [G, ceil(N/256)] and f32 [] (see `reference`)
   block_m, block_n   output tile (defaults: full M up to 256 and the widest of 512/384/256/128 dividing N on
                      TPU; tpu/gpu.DEFAULT_BLOCKS); K is never blocked on TPU.
-  `implementation`: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+  `implementation`: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+  IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
   """
   out_dtype = _check(x, w, scale, zero_point, scale_scale, scale_offset, fmt, out_dtype,
                      block_m=block_m, block_n=block_n)
@@ -139,27 +142,44 @@ def _check(x, w, scale, zero_point, scale_scale, scale_offset, fmt, out_dtype, *
   return out_dtype
 
 
-def cost(m: int, k: int, n: int, fmt: str, x_dtype, *, groups: int = 1, zero_point: bool = False,
-         double_quant: bool = False, scale_dtype=None, out_dtype=None, block_m=None, block_n=None) -> dict:
-  """Modelled HBM traffic of the TPU path (wrapper copies included) for x [m, k] @ a [k, n] `fmt` weight.
+def cost(x_shape, w_shape, scale_shape, *, fmt: str, dtype, zero_point: bool = False, scale_scale: bool = False,
+         scale_dtype=None, out_dtype=None, block_m=None, block_n=None) -> dict:
+  """Modelled HBM traffic of the TPU path (wrapper copies included) for x [..., K] in `dtype` @ a `fmt` weight.
+
+  The shapes are those the op takes: w_shape is the stored one ([K, N] for int8, [K/2, N] packed for int4 and
+  nf4), scale_shape [G, N]. `zero_point` / `scale_scale`: whether zero points / NF4 double quantization
+  (scale_scale and scale_offset) are passed. `scale_dtype` defaults to bf16 per group, f32 per channel, int8
+  codes for double-quantized NF4.
 
   Grid (N blocks, M blocks), N outer: each packed weight tile, scale and zero tile is fetched once; x is
   fetched once when M is a single block, else once per (N, M) step -- or, when that moves fewer bytes
   (prefill), M outer: x fetched once, the weights once per M block (`tpu.weights_outer`). Counted too: the
-  padding copy of x (ragged M), padding copies of the
-  weights when N is ragged for the block, and the slice of a padded output. `ideal_bytes` reads the packed weight, its scales (and zeros,
-  second-level scales), x once and writes the output once. `scale_dtype` defaults to bf16 per group, f32 per
-  channel, int8 codes for double-quantized NF4.
+  padding copy of x (ragged M), padding copies of the weights when N is ragged for the block, and the slice of a
+  padded output. `ideal_bytes` reads the packed weight, its scales (and zeros, second-level scales), x once and
+  writes the output once.
   """
+  if fmt not in FORMATS:
+    raise ValueError(f"fmt={fmt!r} is not supported by quant_matmul; choose one of {FORMATS}.")
+  *leading, k = x_shape
+  stored_k = k * BITS[fmt] // 8
+  if len(w_shape) != 2 or w_shape[0] != stored_k:
+    raise ValueError(f"w_shape must be ({stored_k}, N), the stored shape of a {fmt} weight [K, N] with "
+                     f"K = x_shape[-1] = {k}; got {tuple(w_shape)}.")
+  m, n = math.prod(leading), w_shape[1]
+  if len(scale_shape) != 2 or scale_shape[1] != n or scale_shape[0] < 1 or k % scale_shape[0]:
+    raise ValueError(f"scale_shape must be [G, N={n}] with G dividing K={k}; got {tuple(scale_shape)}.")
+  if scale_scale and fmt != "nf4":
+    raise ValueError(f"scale_scale (NF4 double quantization) goes only with fmt='nf4'; got fmt={fmt!r}.")
+  groups, double_quant = scale_shape[0], bool(scale_scale)
   block_m, block_n = tpu.resolve_blocks(m, k, n, fmt, groups=groups, double_quant=double_quant,
                                         block_m=block_m, block_n=block_n)
   padded_m, padded_n = _util.round_up(m, block_m), _util.round_up(n, block_n)
   m_blocks, n_blocks = padded_m // block_m, padded_n // block_n
-  x_item = jnp.dtype(x_dtype).itemsize
-  out_item = jnp.dtype(out_dtype or x_dtype).itemsize
+  x_item = jnp.dtype(dtype).itemsize
+  out_item = jnp.dtype(out_dtype or dtype).itemsize
   if scale_dtype is None:
     scale_dtype = jnp.int8 if double_quant else (jnp.bfloat16 if groups > 1 else jnp.float32)
-  per_column = k * reference.BITS[fmt] // 8 + groups * (jnp.dtype(scale_dtype).itemsize + int(zero_point))
+  per_column = stored_k + groups * (jnp.dtype(scale_dtype).itemsize + int(zero_point))
   second_level = groups * -(-n // reference.DOUBLE_QUANT_BLOCK) * 4 + 4 if double_quant else 0
   ideal = per_column * n + second_level + m * k * x_item + m * n * out_item
   weight_bytes, x_bytes = per_column * padded_n, padded_m * k * x_item

@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels import _packing, _util
+from pallas_kernels import _util, packing
 from pallas_kernels.quant_matmul import reference
 
 DEFAULT_BLOCKS = (16, 64)  # (block_m, block_n): decode-sized rows, 64 columns per program
@@ -47,7 +47,7 @@ def planes(fmt: str) -> int:
 
 def _decode(codes, fmt: str, has_zero: bool):
   if fmt == "nf4":
-    return _packing.lookup(codes, _packing.NF4_LEVELS)
+    return packing.lookup(codes, packing.NF4_LEVELS)
   if fmt == "int4" and not has_zero:
     return (codes - 8).astype(jnp.float32)
   return codes.astype(jnp.float32)

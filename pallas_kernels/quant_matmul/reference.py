@@ -3,7 +3,7 @@
 This is the ground truth the kernels are tested against (besides `efficient.quant.dequantize`) and the XLA path
 of the backward pass, dx = dy @ dequant(w).T.
 
-Weight formats (the storage of `pallas_kernels._packing`, packed along K, the contraction dim):
+Weight formats (the storage of `pallas_kernels.packing`, packed along K, the contraction dim):
   'int8'  w int8 [K, N] (symmetric) or uint8 [K, N] with zero points
   'int4'  w uint8 [K/2, N], planar nibbles; symmetric codes are offset-binary (q + 8), or unsigned with zeros
   'nf4'   w uint8 [K/2, N] NF4 codes; `scale` is the f32 absmax, or its int8 double-quantized codes with
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels import _packing
+from pallas_kernels import packing
 
 FORMATS = ("int8", "int4", "nf4")
 BITS = {"int8": 8, "int4": 4, "nf4": 4}
@@ -37,9 +37,9 @@ def group_scales(scale, scale_scale=None, scale_offset=None):
 
 def weight_values(w, fmt: str, zero_point=None):
   """Unscaled values [K, N] in f32: signed integers (zero points subtracted later) or NF4 levels."""
-  codes = _packing.unpack_int32(w, BITS[fmt])
+  codes = packing.unpack_int32(w, BITS[fmt])
   if fmt == "nf4":
-    return _packing.lookup(codes, _packing.NF4_LEVELS)
+    return packing.lookup(codes, packing.NF4_LEVELS)
   if fmt == "int4" and zero_point is None:
     codes = codes - 8  # offset-binary -> signed
   return codes.astype(jnp.float32)

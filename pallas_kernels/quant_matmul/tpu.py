@@ -4,7 +4,7 @@ Grid (N blocks, M blocks), N outermost: a weight tile's block index depends only
 fetches every packed weight byte exactly once (at decode, M is one block and x is fetched once too). For prefill,
 when re-reading the weights once per M block moves fewer bytes than re-reading x once per N block, the grid is
 (M blocks, N blocks) instead (`weights_outer`). Each tile
-spans the whole K: the planar layout (see `_packing`) puts rows i and i + K/2 in one byte, so a K-block of
+spans the whole K: the planar layout (see `packing`) puts rows i and i + K/2 in one byte, so a K-block of
 packed rows is not a contiguous K range -- whole-K tiles keep the unpack to two shift/mask ops and one aligned
 sublane concatenation.
 

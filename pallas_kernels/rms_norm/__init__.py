@@ -17,7 +17,7 @@ from pallas_kernels import _dispatch, _util
 from pallas_kernels.rms_norm import gpu, reference, tpu
 
 IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
-_KERNELS = {"pallas_tpu": tpu, "interpret_tpu": tpu, "pallas_gpu": gpu, "interpret_gpu": gpu}
+_KERNELS = _dispatch.kernel_modules(tpu=tpu, gpu=gpu)
 
 
 def rms_norm(x, weight, *, eps=1e-6, implementation=None, block_rows=None):
@@ -25,7 +25,8 @@ def rms_norm(x, weight, *, eps=1e-6, implementation=None, block_rows=None):
 
   x and weight are float32 or bfloat16 (independently). `block_rows` rows of x per grid step (defaults:
   tpu.DEFAULT_BLOCK_ROWS, gpu.DEFAULT_BLOCK_ROWS); ragged row counts are zero-padded.
-  `implementation`: None (by backend) or one of IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
+  `implementation`: None (the `pallas_kernels.implementation` policy, else by backend) or one of
+  IMPLEMENTATIONS; see `pallas_kernels._dispatch`.
   """
   _check(x, weight, eps, block_rows)
   implementation = _dispatch.choose(implementation, IMPLEMENTATIONS, op="rms_norm")
@@ -80,8 +81,8 @@ def _check(x, weight, eps, block_rows):
   _util.check_block_arg("block_rows", block_rows)
 
 
-def cost(x_shape, dtype, *, block_rows=None) -> dict:
-  """Modelled cost of the TPU forward kernel for x of `x_shape` and weight [D], both in `dtype`.
+def cost(x_shape, *, dtype, block_rows=None) -> dict:
+  """Modelled cost of the TPU forward kernel for x of `x_shape` [..., D] and weight [D], both in `dtype`.
 
   `hbm_bytes` follows the row-block grid: x read and y written once per (padded) row, the weight block
   fetched once (its block index never changes). `ideal_bytes` counts the unpadded arrays. `flops` count

@@ -1,11 +1,11 @@
-"""A tiny Llama with `flash_attention_fn` gives the logits and gradients of the default `softmax_attention`."""
+"""A tiny Llama with `flash_attention_fn` gives the logits and gradients of the positional reference attention."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from efficient.attention import flash_attention_fn
+from efficient.attention import flash_attention_fn, reference_attention_fn
 from efficient.models import llama
 from tests.helpers import assert_close
 
@@ -35,7 +35,7 @@ def test_llama_with_flash_attention_matches_softmax_attention(implementation):
   index = np.arange(length)[None, :]
   segment_ids = jnp.asarray(np.where(index < boundary, 1, 2), jnp.int32)
   positions = jnp.asarray(np.where(index < boundary, index, index - boundary), jnp.int32)
-  expected_logits, expected_grads = _logits_and_grads(llama.softmax_attention, tokens, positions, segment_ids)
+  expected_logits, expected_grads = _logits_and_grads(reference_attention_fn(), tokens, positions, segment_ids)
   logits, grads = _logits_and_grads(flash_attention_fn(implementation, block_q=16, block_kv=16), tokens,
                                     positions, segment_ids)
   assert_close("logits", logits, expected_logits, 1e-5)

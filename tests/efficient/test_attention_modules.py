@@ -13,6 +13,7 @@ from efficient.attention.linear import RESET_LOG_GATE
 from efficient.models import llama
 
 CONFIG = llama.TINY.replace(sliding_window=4)
+SPEC = CONFIG.mixer_spec()  # what the mixers take
 VARIANTS = {
     "elu1": LinearAttentionConfig(feature_map="elu1"),
     "identity_fixed_decay": LinearAttentionConfig(feature_map="identity", decay="fixed", normalize=False),
@@ -85,17 +86,17 @@ def _stepwise(module, x, cache, prefill, **kwargs):
 def test_linear_attention_chunk_equals_numpy_and_stepwise(name):
   from efficient.attention.linear import init_linear_cache
   variant = VARIANTS[name].__class__(**{**VARIANTS[name].__dict__, "chunk_size": 8})
-  module = LinearAttention(CONFIG, variant, rngs=nnx.Rngs(0))
+  module = LinearAttention(SPEC, variant, rngs=nnx.Rngs(0))
   x = _x((2, 19, CONFIG.embed_dim))
   full = np.asarray(jax.jit(lambda m, x: m(x)[0])(module, x))
   expected = numpy_linear_attention(module, x)
   np.testing.assert_allclose(full, expected, atol=2e-5, rtol=1e-4)
-  steps = _stepwise(module, x, init_linear_cache(CONFIG, variant, 2), prefill=5)
+  steps = _stepwise(module, x, init_linear_cache(SPEC, variant, 2), prefill=5)
   np.testing.assert_allclose(steps, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_linear_attention_resets_state_at_segment_starts():
-  module = LinearAttention(CONFIG, VARIANTS["elu1"], rngs=nnx.Rngs(0))
+  module = LinearAttention(SPEC, VARIANTS["elu1"], rngs=nnx.Rngs(0))
   x = _x((1, 16, CONFIG.embed_dim), seed=3)
   segments = jnp.asarray([[1] * 6 + [2] * 7 + [3] * 3], jnp.int32)
   packed = np.asarray(jax.jit(lambda m, x, s: m(x, segment_ids=s)[0])(module, x, segments))
@@ -106,7 +107,7 @@ def test_linear_attention_resets_state_at_segment_starts():
 
 
 def numpy_window_attention(module, x, window):
-  p, c = _params(module), module.config
+  p, c = _params(module), module.spec
   x = np.asarray(x, np.float64)
   q, k, v = (np.einsum("btd,dhk->bthk", x, p[n]["kernel"]) for n in ("q", "k", "v"))
   t = x.shape[1]
@@ -128,21 +129,21 @@ def numpy_window_attention(module, x, window):
 
 def test_window_attention_matches_numpy_and_ring_cache():
   from efficient.attention.softmax import init_window_cache
-  module = WindowAttention(CONFIG, rngs=nnx.Rngs(0))
+  module = WindowAttention(SPEC, rngs=nnx.Rngs(0))
   x = _x((2, 13, CONFIG.embed_dim), seed=1)
   positions = jnp.broadcast_to(jnp.arange(13, dtype=jnp.int32), (2, 13))
   full = np.asarray(module(x, positions=positions, segment_ids=None)[0])
   expected = numpy_window_attention(module, x, CONFIG.sliding_window)
   np.testing.assert_allclose(full, expected, atol=2e-5, rtol=1e-4)
   # prefill of 6 > window 4 tokens, then steps: the 4-slot ring buffer wraps around twice.
-  steps = _stepwise(module, x, init_window_cache(CONFIG, 2, CONFIG.sliding_window), prefill=6)
+  steps = _stepwise(module, x, init_window_cache(SPEC, 2, CONFIG.sliding_window), prefill=6)
   np.testing.assert_allclose(steps, expected, atol=2e-5, rtol=1e-4)
 
 
 def test_based_matches_its_parts_and_stepwise():
   from efficient.attention.based import init_based_cache
   variant = BasedConfig(linear=LinearAttentionConfig(feature_map="taylor", feature_dim=4, chunk_size=8))
-  module = Based(CONFIG, variant, rngs=nnx.Rngs(0))
+  module = Based(SPEC, variant, rngs=nnx.Rngs(0))
   x = _x((2, 17, CONFIG.embed_dim), seed=2)
   positions = jnp.broadcast_to(jnp.arange(17, dtype=jnp.int32), (2, 17))
   full = np.asarray(jax.jit(lambda m, x, p: m(x, positions=p)[0])(module, x, positions))
@@ -152,7 +153,7 @@ def test_based_matches_its_parts_and_stepwise():
   expected = (numpy_linear_attention(module.linear, u)
               + numpy_window_attention(module.window, u, CONFIG.sliding_window))
   np.testing.assert_allclose(full, expected, atol=3e-5, rtol=1e-4)
-  steps = _stepwise(module, x, init_based_cache(CONFIG, variant, 2), prefill=6)
+  steps = _stepwise(module, x, init_based_cache(SPEC, variant, 2), prefill=6)
   np.testing.assert_allclose(steps, expected, atol=3e-5, rtol=1e-4)
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from efficient import quant
 from efficient.models import llama
 from efficient.quant import kv_cache
 from tests.helpers import assert_close, rel_rms_error
@@ -54,22 +55,52 @@ def test_stored_cache_matches_numpy_reference(kv_format, bits):
     q = jnp.zeros((batch, length, 4, head_dim))
     _, cache = write(cache, q, keys[:, start:start + length], values[:, start:start + length],
                      index=jnp.int32(start), q_positions=positions[:, start:start + length], kv_positions=positions)
-  assert cache["k_codes"].dtype == jnp.uint8 and cache["k_codes"].shape == (batch, max_len // GROUP,
-                                                                           GROUP * bits // 8, heads, head_dim)
-  assert cache["v_codes"].shape == (batch, max_len, heads, head_dim * bits // 8)
-  stored_k = kv_cache.dequantize_keys(cache["k_codes"], cache["k_scale"], cache["k_zero"], kv_format)
+  assert isinstance(cache, kv_cache.QuantizedKVCache)
+  k, v = cache.k, cache.v
+  assert isinstance(k, quant.QArray) and isinstance(v, quant.QArray) and (k.fmt, v.fmt) == (kv_format, kv_format)
+  num_groups = max_len // GROUP
+  assert k.qvalue.dtype == jnp.uint8 and k.qvalue.shape == (batch, num_groups, GROUP * bits // 8, heads, head_dim)
+  assert k.scale.shape == k.zero_point.shape == (batch, num_groups, 1, heads, head_dim)
+  assert v.qvalue.shape == (batch, max_len, heads, head_dim * bits // 8)
+  assert v.scale.shape == v.zero_point.shape == (batch, max_len, heads, 1)
+  stored_k = kv_cache.dequantize_keys(k)
   complete = written // GROUP * GROUP  # 5 full groups of 4; slot 20 is the open group
   grouped = np.asarray(keys[:, :complete]).reshape(batch, complete // GROUP, GROUP, heads, head_dim)
   expected_k, k_scale = numpy_fake_quant(grouped, 2, bits)
   np.testing.assert_allclose(stored_k[:, :complete], expected_k.reshape(batch, complete, heads, head_dim), rtol=1e-6,
                              atol=1e-6)
-  np.testing.assert_allclose(cache["k_scale"][:, :complete // GROUP], k_scale[:, :, 0], rtol=1e-6)
-  np.testing.assert_array_equal(cache["k_residual"][:, :written - complete], keys[:, complete:written])
-  stored_v = kv_cache.dequantize_values(cache["v_codes"], cache["v_scale"], cache["v_zero"], kv_format)
+  # The stored N-d scales are NumPy's keepdims scales, as they are: [B, groups, 1, Hkv, D].
+  np.testing.assert_allclose(k.scale[:, :complete // GROUP], k_scale, rtol=1e-6)
+  np.testing.assert_array_equal(cache.k_residual[:, :written - complete], keys[:, complete:written])
+  stored_v = kv_cache.dequantize_values(v)
   expected_v, v_scale = numpy_fake_quant(values[:, :written], 3, bits)
   np.testing.assert_allclose(stored_v[:, :written], expected_v, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(v.scale[:, :written], v_scale, rtol=1e-6)
   # RTN: every element within half a step of its float value.
   assert np.all(np.abs(np.asarray(stored_v[:, :written]) - np.asarray(values[:, :written])) <= v_scale / 2 + 1e-6)
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_cache_and_a_weight_share_one_quantize(kv_format):
+  """The cache's K and V storage is `quant.quantize` itself: the same data quantized as a [K, N] weight along
+  axis 0 (asymmetric, per channel, f32 scales) gives the identical codes, scales and zero points."""
+  batch, length, heads, head_dim = 2, 8, 3, 16
+  x = jax.random.normal(jax.random.key(7), (batch, length, heads, head_dim)) + 0.3
+  weight_kwargs = dict(axis=0, symmetric=False, scale_dtype=jnp.float32)
+  # V: one scale per token over head_dim == a weight [head_dim, tokens * heads] per output column.
+  v = kv_cache.quantize_values(x, kv_format)
+  w = quant.quantize(x.reshape(-1, head_dim).T, kv_format, **weight_kwargs)
+  assert w.qvalue.shape == (head_dim * quant.FORMATS[kv_format].bits // 8, batch * length * heads)
+  np.testing.assert_array_equal(np.asarray(v.qvalue).reshape(-1, v.qvalue.shape[-1]).T, w.qvalue)
+  np.testing.assert_array_equal(np.asarray(v.scale).reshape(1, -1), w.scale)
+  np.testing.assert_array_equal(np.asarray(v.zero_point).reshape(1, -1), w.zero_point)
+  # K: one scale per channel over a group of GROUP slots == a weight [GROUP, groups * heads * head_dim].
+  k = kv_cache.quantize_keys(x, GROUP, kv_format)
+  grouped = x.reshape(batch, length // GROUP, GROUP, heads, head_dim)
+  w = quant.quantize(jnp.moveaxis(grouped, 2, 0).reshape(GROUP, -1), kv_format, **weight_kwargs)
+  np.testing.assert_array_equal(np.moveaxis(np.asarray(k.qvalue), 2, 0).reshape(w.qvalue.shape), w.qvalue)
+  np.testing.assert_array_equal(np.asarray(k.scale).reshape(1, -1), w.scale)
+  np.testing.assert_array_equal(np.asarray(k.zero_point).reshape(1, -1), w.zero_point)
 
 
 @pytest.mark.parametrize("key_granularity", ["channel", "token"])
@@ -179,8 +210,11 @@ def test_sharded_decoding_equals_single_device(model, tokens):
   sharded_cache = cache()
   sharded_cache["layers"] = [jax.device_put(layer, kv_cache.layer_cache_shardings(layer, mesh, "fsdp_tp"))
                              for layer in sharded_cache["layers"]]
-  k_codes = sharded_cache["layers"][0]["k_codes"]
-  assert k_codes.sharding.shard_shape(k_codes.shape) == (1, MAX_LEN // GROUP, GROUP, 1, CONFIG.head_dim)
+  k = sharded_cache["layers"][0].k  # codes, scales and zero points: batch on data, kv heads on tensor
+  assert k.qvalue.sharding.shard_shape(k.qvalue.shape) == (1, MAX_LEN // GROUP, GROUP, 1, CONFIG.head_dim)
+  assert k.scale.sharding.shard_shape(k.scale.shape) == (1, MAX_LEN // GROUP, 1, 1, CONFIG.head_dim)
+  v = sharded_cache["layers"][0].v
+  assert v.zero_point.sharding.shard_shape(v.zero_point.shape) == (1, MAX_LEN, 1, 1)
   with jax.set_mesh(mesh):
     logits = decode(sharded, tokens[:, :PROMPT + 1], sharded_cache)
   assert len(logits.sharding.device_set) == 8

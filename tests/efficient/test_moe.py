@@ -11,6 +11,7 @@ from flax import nnx
 
 from efficient import sharding
 from efficient.models import llama
+from efficient.models import moe as moe_models
 from efficient.sparse import moe
 from efficient.train import masked_cross_entropy
 from tests.helpers import TOLERANCE, assert_close
@@ -150,18 +151,18 @@ def test_bad_config_and_layers_raise():
     with pytest.raises(ValueError, match=f"MoEConfig.{name}"):
       moe.MoEConfig(**kwargs)
   with pytest.raises(ValueError, match="layers"):
-    moe.moe_llama(llama.TINY, moe.MoEConfig(num_experts=2, top_k=1), rngs=nnx.Rngs(0), layers=[5])
+    moe_models.moe_llama(llama.TINY, moe.MoEConfig(num_experts=2, top_k=1), rngs=nnx.Rngs(0), layers=[5])
 
 
 def _tiny_moe_llama():
   config = llama.TINY.replace(num_layers=1, mlp_dim=32)
-  return moe.moe_llama(config, moe.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, router_z_weight=1e-3),
+  return moe_models.moe_llama(config, moe.MoEConfig(num_experts=4, top_k=2, capacity_factor=1.0, router_z_weight=1e-3),
                        rngs=nnx.Rngs(0))
 
 
 def test_moe_llama_swaps_only_the_chosen_blocks():
   # Abstract (eval_shape): the structure is what matters here, and eager initialization costs seconds.
-  model = nnx.eval_shape(lambda: moe.moe_llama(llama.TINY, moe.MoEConfig(num_experts=2, top_k=1),
+  model = nnx.eval_shape(lambda: moe_models.moe_llama(llama.TINY, moe.MoEConfig(num_experts=2, top_k=1),
                                                rngs=nnx.Rngs(0), layers=[1]))
   assert isinstance(model.blocks[0].mlp, llama.MLP) and isinstance(model.blocks[1].mlp, moe.MoEMLP)
   assert list(moe.moe_layers(model)) == ["blocks/1/mlp"]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from efficient import quant
-from pallas_kernels import _packing
+from pallas_kernels import packing
 
 # QLoRA's NormalFloat4 levels as printed by bitsandbytes (functional.create_normal_map, index = code),
 # written here independently of the library's table.
@@ -33,8 +33,8 @@ def _sqnr(x, fmt, **kwargs):
 
 @functools.partial(jax.jit, static_argnums=1)
 def _pack_round_trip(codes, bits):
-  packed = _packing.pack(codes, bits)
-  return packed, _packing.unpack(packed, bits)
+  packed = packing.pack(codes, bits)
+  return packed, packing.unpack(packed, bits)
 
 
 # Few distinct shapes (each compiles once); hypothesis varies the codes, including all-zero and all-max words.
@@ -42,7 +42,7 @@ def _pack_round_trip(codes, bits):
 @hypothesis.given(bits=st.sampled_from([2, 3, 4, 8]), words=st.sampled_from([1, 3]), cols=st.sampled_from([1, 5]),
                   fill=st.sampled_from(["random", "zeros", "max"]), seed=st.integers(0, 2 ** 31 - 1))
 def test_pack_unpack_round_trip_is_exact(bits, words, cols, fill, seed):
-  k = words * _packing.values_per_word(bits)
+  k = words * packing.values_per_word(bits)
   codes = np.random.default_rng(seed).integers(0, 2 ** bits, (k, cols), dtype=np.uint8)
   codes = {"random": codes, "zeros": np.zeros_like(codes), "max": np.full_like(codes, 2 ** bits - 1)}[fill]
   packed, unpacked = _pack_round_trip(jnp.asarray(codes), bits)
@@ -53,7 +53,7 @@ def test_pack_unpack_round_trip_is_exact(bits, words, cols, fill, seed):
 def test_int4_layout_is_planar():
   # Row i's nibble is low, row i + K/2's is high: the documented layout the kernels unpack.
   codes = jnp.arange(8, dtype=jnp.uint8).reshape(8, 1)
-  np.testing.assert_array_equal(np.asarray(_packing.pack(codes, 4))[:, 0], [0 | 4 << 4, 1 | 5 << 4, 2 | 6 << 4,
+  np.testing.assert_array_equal(np.asarray(packing.pack(codes, 4))[:, 0], [0 | 4 << 4, 1 | 5 << 4, 2 | 6 << 4,
                                                                             3 | 7 << 4])
 
 
@@ -126,12 +126,12 @@ def test_bytes_per_param_targets():
 # --- NF4, fp8, MX ---------------------------------------------------------------------------------------------------
 
 def test_nf4_levels_are_qlora_exactly():
-  assert list(_packing.NF4_LEVELS) == QLORA_NF4
+  assert list(packing.NF4_LEVELS) == QLORA_NF4
   # Every level survives a round trip unchanged (a block whose absmax is 1, no double quantization).
   column = jnp.asarray(QLORA_NF4 * 4, jnp.float32).reshape(64, 1)
   q = quant.quantize(column, "nf4", double_quant=False)
   np.testing.assert_array_equal(np.asarray(quant.dequantize(q)), np.asarray(column))
-  np.testing.assert_array_equal(np.asarray(_packing.unpack(q.qvalue, 4))[:16, 0], np.arange(16))
+  np.testing.assert_array_equal(np.asarray(packing.unpack(q.qvalue, 4))[:16, 0], np.arange(16))
 
 
 def test_nf4_double_quantization_recovers_absmax():
@@ -186,7 +186,8 @@ def test_mxfp4_rounds_to_e2m1_levels_ties_to_even():
 def test_qarray_is_a_pytree_that_jits_and_keeps_shape_dtype_and_axes():
   x = _gaussian((3, 64, 5), seed=8, dtype=jnp.bfloat16)
   q = quant.quantize(x, "int4", axis=1, group_size=32, symmetric=False, logical_axes=("heads", "embed", "mlp"))
-  assert q.qvalue.shape == (32, 15) and q.scale.shape == (2, 15) and q.zero_point.shape == (2, 15)
+  # N-d storage: codes keep x's shape, packed along axis 1; scales [3, 2 groups, 5] broadcast by tiles.
+  assert q.qvalue.shape == (3, 32, 5) and q.scale.shape == (3, 2, 5) and q.zero_point.shape == (3, 2, 5)
   leaves, treedef = jax.tree_util.tree_flatten(q)
   assert len(leaves) == 3  # qvalue, scale, zero_point: the None fields are no leaves
   rebuilt = jax.tree_util.tree_unflatten(treedef, leaves)
@@ -240,4 +241,4 @@ def test_quantize_rejects_integer_input_and_bad_bits():
   with pytest.raises(ValueError, match=r"^x: dtype int32 is not a float dtype"):
     quant.quantize(jnp.ones((64, 8), jnp.int32), "int8")
   with pytest.raises(ValueError, match=r"^bits=5 is not a packed width"):
-    _packing.pack(jnp.zeros((8, 1), jnp.uint8), 5)
+    packing.pack(jnp.zeros((8, 1), jnp.uint8), 5)

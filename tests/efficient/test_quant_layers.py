@@ -79,7 +79,7 @@ def test_llm_int8_decomposition(tiny):
 
 def test_rules_first_match_wins_and_none_leaves_float(tiny):
   int4 = QuantConfig(fmt="int4", group_size=16)
-  chosen = rules.plan(tiny, [(r"mlp/down$", None), (r"mlp", int4), (r"attention/(q|k)$", QuantConfig())])
+  chosen = rules.plan(tiny, [(r".*/mlp/down", None), (r".*/mlp/.*", int4), (r".*/attention/(q|k)", QuantConfig())])
   assert sorted(chosen) == ["blocks/0/attention/k", "blocks/0/attention/q", "blocks/0/mlp/gate",
                             "blocks/0/mlp/up", "blocks/1/attention/k", "blocks/1/attention/q",
                             "blocks/1/mlp/gate", "blocks/1/mlp/up"]
@@ -113,7 +113,7 @@ def test_smoothquant_folding_is_exact(tiny, tokens):
   for block in model.blocks:
     block.attention_norm.scale[...] = jnp.linspace(0.2, 5.0, llama.TINY.embed_dim)
   reference = model(tokens)
-  alphas = {p: 0.5 for p in calibration.einsum_modules(model, r"attention/(q|k|v)$|mlp/(gate|up)$")}
+  alphas = {p: 0.5 for p in calibration.einsum_modules(model, r".*/(attention/(q|k|v)|mlp/(gate|up))")}
   factors = rules.smooth_model(model, alphas, [{"tokens": tokens}])
   assert len(factors) == 2 * llama.TINY.num_layers
   assert float(jnp.max(jnp.abs(jnp.log(factors["blocks/0/attention_norm"])))) > 0.5
@@ -134,7 +134,7 @@ def test_gptq_rule_beats_rtn_on_the_model(tiny, tokens):
 
 
 def test_orbax_round_trip_is_bit_identical(tiny, tokens, tmp_path):
-  config = [(r"mlp", QuantConfig(fmt="int4", group_size=16)), (r"attention/o", QuantConfig(fmt="nf4")),
+  config = [(r".*/mlp/.*", QuantConfig(fmt="int4", group_size=16)), (r".*/attention/o", QuantConfig(fmt="nf4")),
             (r".*", QuantConfig(mode="w8a8"))]
   quantized = quant.quantize_model(nnx.clone(tiny), config)
   graphdef, state = nnx.split(quantized)

@@ -16,7 +16,7 @@ def test_smollm2_int8_and_w8a8_track_float(smollm2):
   reference = smollm2.model(tokens)
   # W8A8 flips a few near-tied argmaxes of this 15-token prompt (measured 13/15 agree); weight-only int8 none.
   for config, min_sqnr, min_agree in ((QuantConfig(fmt="int8"), 25.0, 0.9), (QuantConfig(mode="w8a8"), 15.0, 0.8)):
-    model = quant.quantize_model(nnx.clone(smollm2.model), [(r"mlp/down$", None), (".*", config)])
+    model = quant.quantize_model(nnx.clone(smollm2.model), [(r".*/mlp/down", None), (".*", config)])
     found = calibration.einsum_modules(model, types=(nnx.Module,))
     assert sum(isinstance(m, layers.QuantizedEinsum) for m in found.values()) == 30 * 6
     logits = model(tokens)

@@ -109,9 +109,9 @@ def _batches():
 def test_prune_model_by_rules_on_a_tiny_llama():
   model = _tiny_model()
   before = {p: np.asarray(m.kernel[...]) for p, m in calibration.einsum_modules(model).items()}
-  rules = [(r"mlp/(gate|up)$", prune.PruneConfig("sparsegpt", nm=(2, 4), block_size=32)),
-           (r"mlp/down$", prune.PruneConfig("wanda", sparsity=0.5)),
-           (r"attention/o$", prune.PruneConfig("magnitude", sparsity=0.75))]
+  rules = [(r".*/mlp/(gate|up)", prune.PruneConfig("sparsegpt", nm=(2, 4), block_size=32)),
+           (r".*/mlp/down", prune.PruneConfig("wanda", sparsity=0.5)),
+           (r".*/attention/o", prune.PruneConfig("magnitude", sparsity=0.75))]
   report = prune.prune_model(model, rules, calibration_data=_batches())
   assert sorted(report) == sorted(p for p in before if "mlp" in p or p.endswith("attention/o"))
   for path, row in report.items():
@@ -137,10 +137,13 @@ BAD = {
     "block_size_vs_m": (lambda: prune.PruneConfig(nm=(2, 8), block_size=12), r"^block_size=12 must be a multiple"),
     "hessian_shape": (lambda: prune.wanda(jnp.ones((8, 4)), jnp.ones((4, 4))), r"^hessian must be \[in, in\]"),
     "nm_not_dividing": (lambda: prune.sparsegpt(jnp.ones((6, 4)), jnp.eye(6), nm=(2, 4)), r"^m=4 must divide"),
-    "no_calibration": (lambda: prune.prune_model(_tiny_model(), {"mlp": prune.PruneConfig("wanda")}),
+    "no_calibration": (lambda: prune.prune_model(_tiny_model(), {r".*/mlp/.*": prune.PruneConfig("wanda")}),
                        r"^calibration_data is required"),
-    "no_match": (lambda: prune.prune_model(_tiny_model(), {"nothing": prune.PruneConfig()}), r"match no Einsum"),
-    "rule_not_config": (lambda: prune.prune_model(_tiny_model(), {"mlp": 0.5}), r"must be a PruneConfig"),
+    "no_match": (lambda: prune.prune_model(_tiny_model(), {"nothing": prune.PruneConfig()}),
+                 r"^rules\[0\] 'nothing' matches no linear layer path in full"),
+    "partial_match": (lambda: prune.prune_model(_tiny_model(), [(r".*", None), ("mlp", prune.PruneConfig())]),
+                      r"^rules\[1\] 'mlp' matches no linear layer path in full"),  # re.fullmatch, not re.search
+    "rule_not_config": (lambda: prune.prune_model(_tiny_model(), {r".*/mlp/.*": 0.5}), r"must be a PruneConfig"),
 }
 
 

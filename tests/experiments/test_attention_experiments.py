@@ -7,7 +7,15 @@ from efficient import data
 from experiments import attention_scaling, mqar
 
 
-def test_mqar_toy_run(tmp_path):
+def test_mqar_toy_run(tmp_path, monkeypatch):
+  seen = []  # (logits, batch) of every accuracy the experiment computes, in call order
+  real_accuracy = data.recall_accuracy
+
+  def recording(logits, batch):
+    seen.append((np.asarray(logits), batch))
+    return real_accuracy(logits, batch)
+
+  monkeypatch.setattr(data, "recall_accuracy", recording)
   config = mqar.default_config()
   config.update(vocab_size=16, num_kv_pairs=2, seq_len=16, batch_size=4, steps=2, warmup_steps=1, eval_batches=1,
                 embed_dim=16, num_layers=1, num_heads=2, window=4, linear_feature_dim=2, based_feature_dims="2",
@@ -21,7 +29,13 @@ def test_mqar_toy_run(tmp_path):
   assert saved["softmax"]["state_bytes"] == 2 * 16 * 2 * 8 * 4
   # linear: [2 heads, 1 + 2 + 4, 8 + 1] f32
   assert saved["linear (Taylor, d_f=2)"]["state_bytes"] == 2 * 7 * 9 * 4
-  assert all(0.0 <= r["accuracy"] <= 1.0 for r in saved.values())
+  # Per model: the learning-curve point, then the one eval batch. Each reported accuracy is re-derived here
+  # from the logits: argmax == target over the query positions (loss_mask) of the held-out batch.
+  assert len(seen) == 2 * len(saved)
+  for (name, r), (logits, batch) in zip(saved.items(), seen[1::2]):
+    mask = np.asarray(batch["loss_mask"]) == 1
+    expected = np.mean(logits.argmax(-1)[mask] == np.asarray(batch["targets"])[mask])
+    assert r["accuracy"] == expected, name
   # eval_every=50 > steps: the learning curve holds the final step only, and it is the held-out batch 0
   assert all([step for step, _ in r["accuracy_curve"]] == [2] for r in saved.values())
 

@@ -165,12 +165,12 @@ def test_cost_matches_hand_count_and_scales_with_density():
   # m=40 (one 40-row block), k=n=512, 128x128 blocks (4x4 grid), 8 stored blocks, f32: every stored block moves
   # its x tile [40, 128] and its value block once; the output [40, 512] is written once; tables = 4 * (4 + 4*2 + 8).
   tables = 4 * (4 + 4 * 2 + 8)
-  modeled = cost(40, 512, 512, nnz_blocks=8, block_shape=(128, 128), dtype=jnp.float32)
+  modeled = cost((40, 512), (512, 512), dtype=jnp.float32, nnz_blocks=8, block_shape=(128, 128))
   assert modeled == {"flops": 2 * 40 * 8 * 128 * 128,
                      "hbm_bytes": 4 * (8 * (40 * 128 + 128 * 128) + 40 * 512) + tables,
                      "ideal_bytes": 4 * (40 * 512 + 8 * 128 * 128 + 40 * 512) + tables}
-  full = cost(512, 1536, 1536, nnz_blocks=144, block_shape=(128, 128), dtype=jnp.bfloat16)
-  quarter = cost(512, 1536, 1536, nnz_blocks=36, block_shape=(128, 128), dtype=jnp.bfloat16)
+  full = cost((512, 1536), (1536, 1536), dtype=jnp.bfloat16, nnz_blocks=144, block_shape=(128, 128))
+  quarter = cost((512, 1536), (1536, 1536), dtype=jnp.bfloat16, nnz_blocks=36, block_shape=(128, 128))
   assert quarter["flops"] * 4 == full["flops"]
   output = 2 * 512 * 1536  # written once whatever the density
   assert (quarter["hbm_bytes"] - output) / (full["hbm_bytes"] - output) == pytest.approx(0.25, rel=0.01)

@@ -269,22 +269,23 @@ def test_flash_attention_cost_counts_skipped_tiles():
   # T = S = 256, D = 128, f32, (128, 128) blocks, one head: causal visits 3 of the 4 tiles.
   # Forward bytes: q read + o written (2 x 256 x 128), k and v per visited tile (3 x 2 x 128 x 128), the
   # lane-replicated lse (256 x 128); flops: two 128^3 matmuls per visited tile.
-  causal = cost(1, 256, 256, 1, 1, 128, jnp.float32)
+  causal = cost((1, 256, 1, 128), (1, 256, 1, 128), dtype=jnp.float32)
   assert causal == {"flops": 3 * 2 * 2 * 128 ** 3,
                     "hbm_bytes": 4 * (2 * 256 * 128 + 3 * 2 * 128 * 128 + 256 * 128),
                     "ideal_bytes": 4 * 4 * 256 * 128}
-  full = cost(1, 256, 256, 1, 1, 128, jnp.float32, causal=False)
+  full = cost((1, 256, 1, 128), (1, 256, 1, 128), dtype=jnp.float32, causal=False)
   assert full["flops"] == 4 * causal["flops"] // 3
   # A 128-key window at T = S = 1024: every query block sees its diagonal tile and the one before.
-  window = cost(1, 1024, 1024, 1, 1, 128, jnp.float32, sliding_window=128)
+  window = cost((1, 1024, 1, 128), (1, 1024, 1, 128), dtype=jnp.float32, sliding_window=128)
   assert window["flops"] == (1 + 7 * 2) * 2 * 2 * 128 ** 3
   # D = 64 is padded to 128 lanes: twice the modelled traffic of q, k, v, o against the ideal.
-  narrow = cost(1, 256, 256, 1, 1, 64, jnp.bfloat16, backward=True)
+  narrow = cost((1, 256, 1, 64), (1, 256, 1, 64), dtype=jnp.bfloat16, backward=True)
   assert narrow["hbm_bytes"] > 2 * narrow["ideal_bytes"] and narrow["flops"] == 3 * 9 * 2 * 256 * 128 * 128 // 2
 
 
 def test_flash_decode_cost_reads_only_valid_blocks():
   # S_max = 1024 in blocks of 512 (the largest candidate dividing it), a single split; length 100 reads one block.
-  short, full = (cost_decode(1, 1024, 8, 2, 128, jnp.bfloat16, length=n, num_splits=1) for n in (100, 1024))
+  short, full = (cost_decode((1, 8, 128), (1, 1024, 2, 128), dtype=jnp.bfloat16, lengths=n,
+                                        num_splits=1) for n in (100, 1024))
   assert full["hbm_bytes"] - short["hbm_bytes"] == 2 * 512 * 2 * 128 * 2  # one more K and V block, bf16
   assert short["ideal_bytes"] == 2 * 8 * 128 * 2 + 2 * 100 * 2 * 128 * 2

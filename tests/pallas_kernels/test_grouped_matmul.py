@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from pallas_kernels import _dispatch
-from pallas_kernels.grouped_matmul import IMPLEMENTATIONS, cost, grouped_matmul, transposed_grouped_matmul
+from pallas_kernels.grouped_matmul import (IMPLEMENTATIONS, cost, cost_transposed, grouped_matmul,
+                                           transposed_grouped_matmul)
 from tests.helpers import TOLERANCE, assert_close
 
 # M = 160 rows, G = 4 experts. The forward kernels use 32-row tiles (5 row tiles) and split K and N in two; the
@@ -134,26 +135,26 @@ def test_cost_matches_hand_count():
   # index changes twice (t0, t1), the weight tile twice (g0, g1) and the output tile twice; moving to the next N
   # tile changes all three again. Tables: offsets (G+2) + two visit lists (3 each) + the visit count, int32.
   tile = 128 * 128
-  modeled = cost(256, 128, 256, 2, dtype=jnp.float32, group_sizes=[100, 156], tiling=(128, 128, 128))
+  modeled = cost((256, 128), (2, 128, 256), dtype=jnp.float32, group_sizes=[100, 156], tiling=(128, 128, 128))
   assert modeled == {"flops": 2 * 3 * 128 * 128 * 256, "hbm_bytes": 4 * 3 * 4 * tile + 4 * (4 + 2 * 3 + 1),
                      "ideal_bytes": 4 * (256 * 128 + 2 * 128 * 256 + 256 * 256) + 4 * 2}
   # With K in two tiles every visit re-reads its weight tile: a weight is read once per row tile touching it.
-  split_k = cost(256, 256, 256, 2, dtype=jnp.float32, group_sizes=[100, 156], tiling=(128, 128, 128))
+  split_k = cost((256, 256), (2, 256, 256), dtype=jnp.float32, group_sizes=[100, 156], tiling=(128, 128, 128))
   assert split_k["hbm_bytes"] - 4 * (4 + 2 * 3 + 1) == 4 * tile * (2 * 3 * 2 + 2 * 3 * 2 + 2 * 2)
 
 
 def test_cost_at_balanced_moe_shape_reads_each_weight_once():
   # 2048 routed rows, K = 576 (one whole-K tile), N = 1536 (three 512 tiles), 8 balanced experts, bf16.
-  modeled = cost(2048, 576, 1536, 8, dtype=jnp.bfloat16)
+  modeled = cost((2048, 576), (8, 576, 1536), dtype=jnp.bfloat16)
   lhs, weights, out = 2 * 2048 * 576, 2 * 8 * 576 * 1536, 2 * 2048 * 1536
   tables = 4 * (10 + 2 * 23 + 1)
   assert modeled["flops"] == 2 * 2048 * 576 * 1536  # no straddled tiles: no wasted work
   assert modeled["hbm_bytes"] == 3 * lhs + weights + out + tables  # lhs once per N tile, each expert once
   assert modeled["ideal_bytes"] == lhs + weights + out + 4 * 8
-  transposed = cost(2048, 576, 1536, 8, dtype=jnp.bfloat16, transposed=True)
+  transposed = cost_transposed((2048, 576), (2048, 1536), dtype=jnp.bfloat16, num_groups=8)
   assert transposed["flops"] == 2 * 2048 * 576 * 1536
   assert transposed["hbm_bytes"] == 3 * lhs + out + weights + tables  # grad once per K tile (1), lhs per N tile
   # The backward's d lhs = dy [2048, 1536] @ rhs.T [8, 1536, 576]: K = 1536 splits into three 512 tiles, so each
   # expert's weight is read once per row tile of its group (twice); the 7 padding visits move nothing.
-  dlhs = cost(2048, 1536, 576, 8, dtype=jnp.bfloat16)
+  dlhs = cost((2048, 1536), (8, 1536, 576), dtype=jnp.bfloat16)
   assert dlhs["hbm_bytes"] == 2 * 2048 * 1536 + 2 * weights + 2 * 2048 * 576 + tables

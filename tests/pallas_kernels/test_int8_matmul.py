@@ -129,9 +129,10 @@ def test_dynamic_int8_matmul_rejects_integer_activations():
 def test_int8_matmul_cost_matches_hand_count():
   # 512 x 576 x 1536, f32 out, default blocks: (256, 256, whole K = 576), grid (2, 6, 1). x is fetched once per
   # N block (6x), w once per M block (2x).
-  modeled = cost(512, 576, 1536)
+  modeled = cost((512, 576), (576, 1536))
   moved = 512 * 576 * 6 + 576 * 1536 * 2 + 4 * 512 * 6 + 4 * 1536 * 2 + 4 * 512 * 1536
   assert modeled["hbm_bytes"] == moved
   assert modeled["ideal_bytes"] == 512 * 576 + 576 * 1536 + 4 * 512 + 4 * 1536 + 4 * 512 * 1536
   # K = 4608 > 2048 takes the widest dividing block (1536): no K padding.
-  assert cost(16, 4608, 256, block_m=32)["hbm_bytes"] == 16 * 4608 + 4608 * 256 + 4 * 16 + 4 * 256 + 4 * 16 * 256
+  assert cost((16, 4608), (4608, 256), block_m=32)["hbm_bytes"] == (
+      16 * 4608 + 4608 * 256 + 4 * 16 + 4 * 256 + 4 * 16 * 256)

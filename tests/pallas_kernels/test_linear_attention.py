@@ -193,8 +193,8 @@ def test_linear_attention_cost_matches_hand_count():
   moved = rows * ((2 * 128 + 128) * 2 + 128 * 2 + 128 * 4) + 2 * 2 * 128 * 128 * 4
   ideal = 2 * 100 * ((2 * 128 + 128) * 2 + 128 * 2) + 2 * 100 * 128 * 4 + 2 * 2 * 128 * 128 * 4
   flops = rows * (2 * 64 * 256 + 4 * 128 * 128 + 2 * 64 * 128)
-  assert cost(1, 100, 2, 128, 128, jnp.bfloat16, gates="gates") == {
+  assert cost((1, 100, 2, 128), (1, 100, 2, 128), dtype=jnp.bfloat16, log_gates=True) == {
       "flops": flops, "hbm_bytes": moved, "ideal_bytes": ideal}
   # K = 64 is padded to 128 lanes: modeled traffic above ideal.
-  padded = cost(1, 128, 2, 64, 64, jnp.float32)
+  padded = cost((1, 128, 2, 64), (1, 128, 2, 64), dtype=jnp.float32)
   assert padded["hbm_bytes"] > padded["ideal_bytes"]

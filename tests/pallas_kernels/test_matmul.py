@@ -101,9 +101,9 @@ def test_matmul_cost_matches_hand_count():
   # the output [40, 256] written once, the bias [256] once per M block.
   moved = 40 * 256 * 2 + 256 * 256 * 1 + 40 * 256 + 256
   ideal = 40 * 200 + 200 * 130 + 40 * 130 + 130
-  assert cost(40, 200, 130, jnp.float32, bias=True) == {
+  assert cost((40, 200), (200, 130), dtype=jnp.float32, bias=True) == {
       "flops": 2 * 40 * 256 * 256 + 40 * 256, "hbm_bytes": 4 * moved, "ideal_bytes": 4 * ideal}
   # 256^3 in bf16 with 128-row blocks: grid (2, 2, 2); x and w are each fetched twice.
-  modeled = cost(256, 256, 256, jnp.bfloat16, block_m=128)
+  modeled = cost((256, 256), (256, 256), dtype=jnp.bfloat16, block_m=128)
   assert modeled["hbm_bytes"] == 2 * (2 * 256 * 256 + 2 * 256 * 256 + 256 * 256)
   assert modeled["ideal_bytes"] == 2 * 3 * 256 * 256

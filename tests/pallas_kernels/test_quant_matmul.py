@@ -9,7 +9,7 @@ import pytest
 
 from efficient import quant
 from pallas_kernels import _dispatch
-from pallas_kernels.quant_matmul import IMPLEMENTATIONS, cost, quant_matmul
+from pallas_kernels.quant_matmul import BITS, IMPLEMENTATIONS, cost, quant_matmul
 from tests.helpers import TOLERANCE, assert_close
 
 # name -> (x shape, N, fmt, quantize kwargs, (block_m, block_n), out_dtype). Blocks are legal for both kernel
@@ -127,7 +127,8 @@ def test_quant_matmul_rejects_bad_input(bad):
 ], ids=["int8", "int4_g64", "int4_g64_zeros", "int4_g128_down", "int4_g64_down_zeros", "nf4_dq"])
 def test_quant_matmul_decode_traffic_is_within_15_percent_of_ideal(m, dtype, k, n, fmt, groups, zero_point,
                                                                    double_quant):
-  modeled = cost(m, k, n, fmt, dtype, groups=groups, zero_point=zero_point, double_quant=double_quant)
+  modeled = cost((m, k), (k * BITS[fmt] // 8, n), (groups, n), fmt=fmt, dtype=dtype, zero_point=zero_point,
+                 scale_scale=double_quant)
   assert modeled["hbm_bytes"] <= 1.15 * modeled["ideal_bytes"], modeled["hbm_bytes"] / modeled["ideal_bytes"]
 
 
@@ -137,12 +138,12 @@ def test_quant_matmul_cost_matches_hand_count():
   ideal = weight + 16 * 576 * 2 + 16 * 1536 * 2
   # 64-row groups sit inside 128 lanes: the kernel scales the decoded [576, 512] tile (one multiply per weight
   # element, once: a single M block) instead of copying x to group-major order, so it moves the ideal bytes.
-  assert cost(16, 576, 1536, "int4", jnp.bfloat16, groups=9) == {
+  assert cost((16, 576), (288, 1536), (9, 1536), fmt="int4", dtype=jnp.bfloat16) == {
       "flops": 2 * 16 * 1536 * 576 + 576 * 1536, "hbm_bytes": ideal, "ideal_bytes": ideal}
   # Prefill: two M blocks of 256 and three N blocks of 512. N outer would fetch x three times (3 * 590 KB);
   # M outer fetches x once and the int8 weights (885 KB + scales) twice, which is less: the grid goes M outer.
-  prefill = cost(512, 576, 1536, "int8", jnp.bfloat16)
+  prefill = cost((512, 576), (576, 1536), (1, 1536), fmt="int8", dtype=jnp.bfloat16)
   assert prefill["hbm_bytes"] == 2 * (576 * 1536 + 1536 * 4) + 512 * 576 * 2 + 512 * 1536 * 2
   # With 128-row blocks (four M blocks) re-reading the weights costs more: N outer, x fetched 3 times.
-  assert cost(512, 576, 1536, "int8", jnp.bfloat16, block_m=128)["hbm_bytes"] == (
+  assert cost((512, 576), (576, 1536), (1, 1536), fmt="int8", dtype=jnp.bfloat16, block_m=128)["hbm_bytes"] == (
       576 * 1536 + 1536 * 4 + 3 * 512 * 576 * 2 + 512 * 1536 * 2)

@@ -80,8 +80,8 @@ def test_rms_norm_rejects_bad_input(bad):
 def test_rms_norm_cost_matches_hand_count():
   # 2 x 9 = 18 rows of D = 96 in f32, blocks of 8 rows: padded to 24 rows. x read and y written once per
   # padded row; the weight block's index never changes, so it is fetched once.
-  assert cost((2, 9, 96), jnp.float32, block_rows=8) == {
+  assert cost((2, 9, 96), dtype=jnp.float32, block_rows=8) == {
       "flops": 4 * 24 * 96, "hbm_bytes": 4 * (2 * 24 * 96 + 96), "ideal_bytes": 4 * (2 * 18 * 96 + 96)}
   # Default blocks cover all 18 rows at once: no padding, the model meets the ideal.
-  modeled = cost((18, 96), jnp.bfloat16)
+  modeled = cost((18, 96), dtype=jnp.bfloat16)
   assert modeled["hbm_bytes"] == modeled["ideal_bytes"] == 2 * (2 * 18 * 96 + 96)

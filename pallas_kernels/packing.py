@@ -1,13 +1,19 @@
-"""Packed low-bit storage layouts, defined once for the kernels and for `efficient.quant`.
+"""Packed low-bit storage: the public contract between `efficient.quant.QArray` and the quantized kernels.
 
-Codes are *unsigned* (0 .. 2**bits - 1) and packed along axis 0, the contraction (input, K) dimension of a
-weight in Flax layout [K, N]. The layout is **planar**: K is cut into `values_per_word` equal segments and
-one packed word holds the same row of every segment,
+A QArray's sub-byte codes are stored exactly as this module packs them, and `pallas_kernels.quant_matmul` (and
+any other kernel that reads packed weights) unpacks exactly this layout, so a quantized weight reaches a kernel
+with zero copies. Change the layout here and both sides change together.
+
+Codes are *unsigned* (0 .. 2**bits - 1) and packed along one axis: by default axis 0, the contraction (input, K)
+dimension of a weight in Flax layout [K, N]; `pack(..., axis=a)` packs along any axis a of an N-d array with
+the same layout (a KV cache packs keys along the tokens of a group and values along head_dim). The layout is
+**planar**: the packed axis (size K) is cut into `values_per_word` equal segments and one packed word holds the
+same row of every segment,
 
   int4 (2 per byte):    byte[i]  = q[i] | q[i + K/2] << 4                                 -> [K/2, N]   uint8
   int2 (4 per byte):    byte[i]  = sum_s q[i + s*K/4] << 2s                               -> [K/4, N]   uint8
   int3 (8 in 3 bytes):  word[i]  = sum_s q[i + s*K/8] << 3s  (24 bits), stored as three
-                        byte planes, plane j = (word >> 8j) & 255, stacked along axis 0    -> [3K/8, N]  uint8
+                        byte planes, plane j = (word >> 8j) & 255, stacked along the axis  -> [3K/8, N]  uint8
 
 Why planar rather than interleaved (low nibble = row 2i, high = row 2i+1): unpacking a [K/2, bn] tile is then
 two full-tile shift/mask ops producing two *contiguous* row slabs, joined by one concatenation along sublanes
@@ -44,19 +50,12 @@ def values_per_word(bits: int) -> int:
   return _WORD[bits][0]
 
 
-def packed_rows(k: int, bits: int) -> int:
-  """Rows of the packed array for K unpacked rows (bits * K / 8)."""
-  check_packable(k, bits)
-  per_word, word_bytes = _WORD[bits]
-  return k // per_word * word_bytes
-
-
 def check_packable(k: int, bits: int, *, name: str = "K") -> None:
   """Raises a `ValueError` naming `name` unless K rows can be packed at `bits` bits per value."""
   per_word = values_per_word(bits)
   if k % per_word:
     raise ValueError(f"{name}={k} must be a multiple of {per_word} to pack {bits}-bit values "
-                     f"({per_word} per {_WORD[bits][1]}-byte word along the contraction dimension).")
+                     f"({per_word} per {_WORD[bits][1]}-byte word along the packed axis).")
 
 
 def _check_bits(bits):
@@ -64,43 +63,63 @@ def _check_bits(bits):
     raise ValueError(f"bits={bits!r} is not a packed width; choose one of {PACKED_BITS}.")
 
 
-def pack(codes, bits: int):
-  """Packs unsigned codes [K, ...] (each < 2**bits) along axis 0 into uint8 [bits*K/8, ...] (planar layout)."""
+def packed_shape(shape, bits: int, axis: int = 0) -> tuple:
+  """The shape of `pack(codes, bits, axis=axis)` for codes of `shape`: `axis` shrinks to bits * size / 8."""
   _check_bits(bits)
   per_word, word_bytes = _WORD[bits]
-  check_packable(codes.shape[0], bits)
+  axis = _check_axis(axis, len(shape))
+  check_packable(shape[axis], bits, name=f"shape[{axis}]")
+  return tuple(d // per_word * word_bytes if i == axis else d for i, d in enumerate(shape))
+
+
+def _check_axis(axis, ndim: int) -> int:
+  if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
+    raise ValueError(f"axis={axis!r} is out of range for an array of rank {ndim}.")
+  return axis % ndim
+
+
+def pack(codes, bits: int, *, axis: int = 0):
+  """Packs unsigned codes (each < 2**bits) along `axis` into uint8 with that axis bits*K/8 long (planar layout);
+  axis 0: [K, ...] -> [bits*K/8, ...]."""
+  _check_bits(bits)
+  per_word, word_bytes = _WORD[bits]
+  axis = _check_axis(axis, codes.ndim)
+  check_packable(codes.shape[axis], bits, name=f"codes.shape[{axis}]" if axis else "K")
   codes = codes.astype(jnp.uint32)
   if bits == 8:
     return codes.astype(jnp.uint8)
-  segments = jnp.split(codes, per_word, axis=0)
+  segments = jnp.split(codes, per_word, axis=axis)
   word = segments[0]
   for s, segment in enumerate(segments[1:], start=1):
     word = word | (segment << (bits * s))
   planes = [((word >> (8 * j)) & 0xFF).astype(jnp.uint8) for j in range(word_bytes)]
-  return planes[0] if word_bytes == 1 else jnp.concatenate(planes, axis=0)
+  return planes[0] if word_bytes == 1 else jnp.concatenate(planes, axis=axis)
 
 
-def unpack(packed, bits: int):
-  """Inverse of `pack`: uint8 [bits*K/8, ...] -> uint8 codes [K, ...]. Elementwise shifts/masks + one concat."""
-  return unpack_int32(packed, bits).astype(jnp.uint8)
+def unpack(packed, bits: int, *, axis: int = 0):
+  """Inverse of `pack`: uint8 with `axis` bits*K/8 long -> uint8 codes with `axis` K long. Elementwise
+  shifts/masks + one concat."""
+  return unpack_int32(packed, bits, axis=axis).astype(jnp.uint8)
 
 
-def unpack_int32(packed, bits: int):
+def unpack_int32(packed, bits: int, *, axis: int = 0):
   """`unpack` returning int32 codes: what a kernel computes with next (no round trip through uint8)."""
   _check_bits(bits)
   per_word, word_bytes = _WORD[bits]
+  axis = _check_axis(axis, packed.ndim)
   if bits == 8:
     return packed.astype(jnp.int32)
-  if packed.shape[0] % word_bytes:
-    raise ValueError(f"packed.shape[0]={packed.shape[0]} must be a multiple of {word_bytes} for {bits}-bit codes.")
+  if packed.shape[axis] % word_bytes:
+    raise ValueError(f"packed.shape[{axis}]={packed.shape[axis]} must be a multiple of {word_bytes} for "
+                     f"{bits}-bit codes.")
   # int32 arithmetic: what a TPU vector unit shifts natively (uint8 lanes would be repacked per op anyway).
-  planes = jnp.split(packed.astype(jnp.int32), word_bytes, axis=0)
+  planes = jnp.split(packed.astype(jnp.int32), word_bytes, axis=axis)
   word = planes[0]
   for j, plane in enumerate(planes[1:], start=1):
     word = word | (plane << (8 * j))
   mask = (1 << bits) - 1
   segments = [(word >> (bits * s)) & mask for s in range(per_word)]
-  return jnp.concatenate(segments, axis=0)
+  return jnp.concatenate(segments, axis=axis)
 
 
 def lookup(codes, levels, dtype=jnp.float32):

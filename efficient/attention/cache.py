@@ -1,0 +1,83 @@
+"""The KV cache of a softmax layer: one interface, storage codecs behind it.
+
+A layer cache is a pytree object with
+
+    update_and_attend(q, k, v, *, index, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                      kv_lengths, attention_fn) -> (out [B, T, H, D], new layer cache)
+
+which writes the new k/v [B, T, H_kv, D] at slot `index`, then attends q over its slots; `kv_positions` [B, S]
+(and `kv_segment_ids`) describe every slot after the write. `kv_lengths` [B] is given when slots [0, length)
+are exactly the keys each sequence sees (plain left-to-right decoding, no segments): a one-token step can then
+read the cache through `pallas_kernels.flash_decode` instead of masking all S slots.
+
+Storage is a codec, chosen by name when the cache is made (`make_layer_cache(kv_format, ...)`): 'float'
+(`FloatKVCache`, here) and whatever else registers itself with `register_kv_format` (`efficient.quant.kv_cache`
+registers 'int8' and 'int4'; paged and budgeted caches arrive the same way). A model calls the interface and
+never looks at the storage.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from efficient.attention import core
+from pallas_kernels.flash_attention import flash_decode
+
+# Logical axis names of a float cache's k and v.
+KV_AXES = ("batch", "length", "kv_heads", "head_dim")
+
+
+@struct.dataclass
+class FloatKVCache:
+  """k, v [B, S, H_kv, D] in the cache dtype."""
+  k: jax.Array
+  v: jax.Array
+
+  @classmethod
+  def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32,
+             **unused) -> "FloatKVCache":
+    if unused.get("group_size") is not None:
+      raise ValueError("kv_group_size applies to quantized caches only (kv_format='int8'/'int4').")
+    shape = (batch, max_len, num_kv_heads, head_dim)
+    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+  def logical_axes(self) -> "FloatKVCache":
+    return FloatKVCache(k=KV_AXES, v=KV_AXES)
+
+  def update_and_attend(self, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
+                        kv_segment_ids=None, kv_lengths=None, attention_fn=None):
+    keys = jax.lax.dynamic_update_slice_in_dim(self.k, k.astype(self.k.dtype), index, axis=1)
+    values = jax.lax.dynamic_update_slice_in_dim(self.v, v.astype(self.v.dtype), index, axis=1)
+    new = FloatKVCache(k=keys, v=values)
+    keys, values = keys.astype(q.dtype), values.astype(q.dtype)
+    if q.shape[1] == 1 and kv_lengths is not None and kv_segment_ids is None:
+      return flash_decode(q[:, 0], keys, values, kv_lengths)[:, None], new
+    attend = attention_fn or core.softmax_attention
+    return attend(q, keys, values, q_positions=q_positions, kv_positions=kv_positions,
+                  q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids), new
+
+
+_KV_FORMATS: dict[str, Callable] = {"float": FloatKVCache.create}
+
+
+def register_kv_format(name: str, create: Callable) -> None:
+  """Registers a storage codec: `create(batch, max_len, num_kv_heads, head_dim, *, dtype, group_size)` returns a
+  layer cache with `update_and_attend` (see the module docstring)."""
+  _KV_FORMATS[name] = create
+
+
+def kv_formats() -> tuple[str, ...]:
+  return tuple(_KV_FORMATS)
+
+
+def make_layer_cache(kv_format: str | None, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
+                     dtype=jnp.float32, group_size: int | None = None):
+  """An empty layer cache of `kv_format` (None: 'float')."""
+  name = "float" if kv_format is None else kv_format
+  if name not in _KV_FORMATS:
+    raise ValueError(f"kv_format={kv_format!r} is not a registered KV-cache format; choose None or one of "
+                     f"{kv_formats()} (quantized formats register when efficient.quant.kv_cache is imported).")
+  return _KV_FORMATS[name](batch, max_len, num_kv_heads, head_dim, dtype=dtype, group_size=group_size)

