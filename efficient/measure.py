@@ -111,7 +111,7 @@ def _add(total: dict, cost: dict, times: int = 1) -> None:
 def kernel_cost_of_forward(config, batch: int, seq_len: int, *, dtype=None) -> dict[str, Any]:
   """Modelled cost of one Llama forward on [batch, seq_len] tokens from the kernels' own cost models.
 
-  Every projection is `pallas_kernels.matmul.cost(m, k, n, dtype)` with m = batch * seq_len (q, k, v, o, gate,
+  Every projection is `pallas_kernels.matmul.cost((m, k), (k, n), dtype=)` with m = batch * seq_len (q, k, v, o, gate,
   up, down per layer, and the LM head), every RMSNorm `pallas_kernels.rms_norm.cost` (two per layer + final).
   Attention is a closed formula: logits and values are each 2 * B * H * T^2 * head_dim flops (the full T x T
   square, as the reference attention computes it), with q, k, v read and the output written once as bytes.

@@ -23,6 +23,15 @@ calls x (1 + timing_repeats)); `--config.decode_tokens=0` skips the timing.
 
 Group sizes: SmolLM2's q/k/v/o/gate/up contract over K = 576, which 128 does not divide, so the 4/3-bit rows
 use groups of 64 (GPTQ's usual g128 would only fit `down`).
+
+MiniLM rows (`--config.minilm_rows`, default MINILM_QUICK_ROWS; '' skips them, 'all' adds the GPTQ rows): the same
+rules on all-MiniLM-L6-v2 (BERT encoder, 36 projections with biases; embeddings and LayerNorms stay f32): the
+cosine of each sentence embedding to the float model's over the 32 texts of RETRIEVAL_PAIRS, and top-1 retrieval
+agreement with the float model (each query's nearest document by cosine; also the accuracy against the true
+pairing). GPTQ rows calibrate on CALIBRATION_SENTENCES (disjoint from the evaluation texts). SmoothQuant and KV
+rows do not apply (post-LN encoder: no norm feeds q/k/v or up directly; no KV cache). The default MiniLM rows
+take ~40 s on 2 cores (load 1 s, each row a quantize + one embedding pass); each GPTQ row adds ~30 s.
+`--config.rows=none` runs the MiniLM rows alone.
 """
 from __future__ import annotations
 
@@ -62,6 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
   config.decode_prompt_len = 128   # kv-* rows: greedy decode speed, quantized vs float cache
   config.decode_tokens = 32         # 0: skip the decode timing
+  config.minilm_model = "all-minilm-l6-v2"  # MiniLM rows: a BERT model name or Hugging Face folder
+  config.minilm_rows = MINILM_QUICK_ROWS    # '' skips them; 'all' runs every row of MINILM_ROWS
   return config
 
 
@@ -112,6 +123,57 @@ ROWS = {
 }
 
 QUICK_ROWS = "float32,w8,w8a8-smoothquant,w4-rtn,w4-gptq-actorder,nf4"
+# Rows that apply to the BERT encoder: every weight format; not SmoothQuant (post-LN) nor the KV-cache rows.
+MINILM_ROWS = tuple(name for name, (_, rules) in ROWS.items()
+                    if not isinstance(rules, KVRow) and name != "w8a8-smoothquant")
+MINILM_QUICK_ROWS = ",".join(name for name in MINILM_ROWS if "gptq" not in name)
+
+# 16 query -> document pairs (MiniLM rows): each query has one relevant document; topics are distinct, so the float
+# model retrieves every pair, and a quantized model is scored on whether it picks the float model's document.
+RETRIEVAL_PAIRS = (
+    ("How do I reverse a list in Python?", "Use list.reverse() to reverse in place, or slicing with [::-1] for a copy."),
+    ("What causes the seasons on Earth?", "Earth's axial tilt of about 23 degrees changes how directly sunlight strikes "
+     "each hemisphere through the year."),
+    ("best way to store fresh basil", "Keep basil stems in a glass of water at room temperature, loosely covered."),
+    ("Why is the sky blue?", "Rayleigh scattering sends short blue wavelengths of sunlight across the sky more than red."),
+    ("symptoms of dehydration", "Thirst, dark urine, dizziness and fatigue are early signs that the body lacks water."),
+    ("How does a bicycle gear work?", "A larger rear sprocket lowers the gear ratio, so each pedal turn is easier but "
+     "covers less ground."),
+    ("Who painted the Mona Lisa?", "Leonardo da Vinci painted the portrait in the early sixteenth century in Florence."),
+    ("how to fix a flat tire", "Remove the wheel, find the puncture, patch or replace the inner tube and reinflate it."),
+    ("What is photosynthesis?", "Plants turn light, water and carbon dioxide into glucose and oxygen in their "
+     "chloroplasts."),
+    ("tips for a job interview", "Research the company, prepare examples of your work and arrive a few minutes early."),
+    ("How do vaccines work?", "They train the immune system with a harmless piece of a pathogen so it reacts fast "
+     "later."),
+    ("What is the capital of Japan?", "Tokyo has been the country's capital since 1868, when the emperor moved "
+     "there from Kyoto."),
+    ("How to brew pour-over coffee", "Pour hot water slowly in circles over medium-fine grounds in a paper filter "
+     "cone."),
+    ("Why do cats purr?", "Cats purr when content, and also to soothe themselves when stressed or injured."),
+    ("How does compound interest work?", "Interest is added to the principal, so later interest is earned on past "
+     "interest too."),
+    ("What is a black hole?", "A region where gravity is so strong that nothing, not even light, can escape past "
+     "the event horizon."),
+)
+CALIBRATION_SENTENCES = (
+    "The train to the coast leaves every hour from platform four.",
+    "A recipe for bread needs flour, water, salt and yeast.",
+    "Mountains form where tectonic plates collide over millions of years.",
+    "The orchestra tuned their instruments before the concert began.",
+    "Solar panels convert sunlight into electricity with semiconductor cells.",
+    "She wrote the report in a single afternoon and sent it to her manager.",
+    "Rivers carry sediment downstream and deposit it at their deltas.",
+    "The museum opened a new exhibition about ancient Egyptian tombs.",
+    "Regular exercise improves sleep, mood and cardiovascular health.",
+    "The compiler reported an error on line twelve of the source file.",
+    "Honeybees communicate the location of flowers through a waggle dance.",
+    "The city council voted to extend the bicycle lanes downtown.",
+    "Glaciers are retreating as average global temperatures rise.",
+    "A good night's sleep helps memory consolidation in the brain.",
+    "The chess player sacrificed a knight to open the king's defenses.",
+    "Electric cars use regenerative braking to recover energy.",
+)
 
 
 def projection_bytes(model) -> dict:

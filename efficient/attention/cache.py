@@ -23,8 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from efficient.attention import core
-from pallas_kernels.flash_attention import flash_decode
+from efficient.attention import core, flash
 
 # Logical axis names of a float cache's k and v.
 KV_AXES = ("batch", "length", "kv_heads", "head_dim")
@@ -54,7 +53,7 @@ class FloatKVCache:
     new = FloatKVCache(k=keys, v=values)
     keys, values = keys.astype(q.dtype), values.astype(q.dtype)
     if q.shape[1] == 1 and kv_lengths is not None and kv_segment_ids is None:
-      return flash_decode(q[:, 0], keys, values, kv_lengths)[:, None], new
+      return flash.decode(q[:, 0], keys, values, kv_lengths)[:, None], new
     attend = attention_fn or core.softmax_attention
     return attend(q, keys, values, q_positions=q_positions, kv_positions=kv_positions,
                   q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids), new

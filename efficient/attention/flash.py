@@ -24,7 +24,7 @@ import jax
 from jax.sharding import PartitionSpec
 
 from efficient import sharding
-from pallas_kernels.flash_attention import flash_attention
+from pallas_kernels.flash_attention import flash_attention, flash_decode
 
 # Activation layout inside attention: [batch, length, heads, head_dim]; k/v heads must split like q heads.
 _ACTIVATION_RULES = (("batch", ("data", "fsdp")), ("heads", "tensor"))
@@ -75,6 +75,20 @@ def self_attention(q, k, v, q_segment_ids=None, kv_segment_ids=None, *, causal=T
   segment_spec = PartitionSpec(qkv_spec[0], None)
   return jax.shard_map(local, mesh=mesh, in_specs=(qkv_spec,) * 3 + (segment_spec,) * len(segments),
                        out_specs=qkv_spec, check_vma=False)(q, k, v, *segments)
+
+
+def decode(q, k_cache, v_cache, lengths, *, implementation=None):
+  """`flash_decode` of one query step q [B, H, D] over cache rows [0, lengths) of k/v [B, S, H_kv, D]; under a
+  mesh per (batch row, head) shard like `self_attention`."""
+  mesh = jax.sharding.get_abstract_mesh()
+  local = lambda q, k, v, lengths: flash_decode(q, k, v, lengths, implementation=implementation)
+  if mesh.empty or mesh.size == 1:
+    return local(q, k_cache, v_cache, lengths)
+  batch, heads, head_dim = q.shape
+  kv_spec = activation_spec(mesh, (batch, 1, heads, head_dim), k_cache.shape)
+  q_spec = PartitionSpec(kv_spec[0], kv_spec[2], None)
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, kv_spec, kv_spec, PartitionSpec(kv_spec[0])),
+                       out_specs=q_spec, check_vma=False)(q, k_cache, v_cache, lengths)
 
 
 def activation_spec(mesh, q_shape, kv_shape) -> PartitionSpec:

@@ -143,14 +143,16 @@ class Block(nnx.Module):
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     # q/k/v/o with biases, no RoPE, non-causal: the attention layer every model of this project uses.
     self.attention = softmax.Attention(config.mixer_spec(), rngs=rngs, use_bias=True)
-    self.attention_norm = _layer_norm(config)
+    # Named post_*: these LayerNorms follow their sublayer (post-LN), unlike Llama's attention_norm / mlp_norm,
+    # which feed theirs -- so rules that fold into "the norm before q/k/v" (SmoothQuant) never pick the wrong one.
+    self.post_attention_norm = _layer_norm(config)
     self.mlp = MLP(config, rngs=rngs)
-    self.mlp_norm = _layer_norm(config)
+    self.post_mlp_norm = _layer_norm(config)
 
   def __call__(self, x, *, positions, segment_ids, attention_fn):
     attended, _ = self.attention(x, positions=positions, segment_ids=segment_ids, attention_fn=attention_fn)
-    x = self.attention_norm(x + attended)
-    return self.mlp_norm(x + self.mlp(x))
+    x = self.post_attention_norm(x + attended)
+    return self.post_mlp_norm(x + self.mlp(x))
 
 
 class Bert(nnx.Module):

@@ -217,14 +217,14 @@ def _bert_names(config: bert.BertConfig, prefix: str = "") -> dict[tuple, tuple[
                                            lambda w: w.T.reshape(c.num_heads, c.head_dim, c.embed_dim),
                                            lambda k: k.reshape(-1, k.shape[-1]).T),
         (*p, "attention", "o", "bias"): (b + "attention.output.dense.bias", *_SAME),
-        (*p, "attention_norm", "scale"): (b + "attention.output.LayerNorm.weight", *_SAME),
-        (*p, "attention_norm", "bias"): (b + "attention.output.LayerNorm.bias", *_SAME),
+        (*p, "post_attention_norm", "scale"): (b + "attention.output.LayerNorm.weight", *_SAME),
+        (*p, "post_attention_norm", "bias"): (b + "attention.output.LayerNorm.bias", *_SAME),
         (*p, "mlp", "up", "kernel"): (b + "intermediate.dense.weight", *linear),
         (*p, "mlp", "up", "bias"): (b + "intermediate.dense.bias", *_SAME),
         (*p, "mlp", "down", "kernel"): (b + "output.dense.weight", *linear),
         (*p, "mlp", "down", "bias"): (b + "output.dense.bias", *_SAME),
-        (*p, "mlp_norm", "scale"): (b + "output.LayerNorm.weight", *_SAME),
-        (*p, "mlp_norm", "bias"): (b + "output.LayerNorm.bias", *_SAME),
+        (*p, "post_mlp_norm", "scale"): (b + "output.LayerNorm.weight", *_SAME),
+        (*p, "post_mlp_norm", "bias"): (b + "output.LayerNorm.bias", *_SAME),
     })
   return table
 

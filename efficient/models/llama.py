@@ -22,7 +22,6 @@ from efficient import nn
 from efficient.attention import core, mixers
 from efficient.attention.core import EMPTY_POSITION, AttentionFn  # noqa: F401  (re-exported for users)
 from efficient.quant import kv_cache as _kv_cache  # noqa: F401  registers the int8/int4 KV-cache codecs
-from pallas_kernels import _dispatch
 
 # Fields added for per-layer attention; `to_dict` leaves them out at their defaults so signatures of existing
 # checkpoints (and everything keyed on them) are unchanged for the plain softmax model.
@@ -246,10 +245,9 @@ def sample_token(logits, rng, *, temperature: float, top_k: int | None):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "eos_id",
-                                             "kv_format", "kv_group_size", "policy"))
+                                             "kv_format", "kv_group_size"))
 def _generate(graphdef, state, prompt, rng, *, max_new_tokens, temperature, top_k, eos_id, kv_format=None,
-              kv_group_size=None, policy=None):
-  del policy  # a static argument so a trace under one implementation policy is not reused under another
+              kv_group_size=None):
   model = nnx.merge(graphdef, state)
   batch, prompt_len = prompt.shape
   cache = init_cache(model.config, batch, prompt_len + max_new_tokens, kv_format=kv_format,
@@ -294,5 +292,4 @@ def generate(model: Llama, prompt, max_new_tokens: int, *, temperature: float = 
   rng = jax.random.key(0) if rng is None else rng
   graphdef, state = nnx.split(model)
   return _generate(graphdef, state, prompt, rng, max_new_tokens=max_new_tokens, temperature=float(temperature),
-                   top_k=top_k, eos_id=eos_id, kv_format=kv_format, kv_group_size=kv_group_size,
-                   policy=_dispatch.current_implementation())
+                   top_k=top_k, eos_id=eos_id, kv_format=kv_format, kv_group_size=kv_group_size)
