@@ -29,9 +29,9 @@ rules on all-MiniLM-L6-v2 (BERT encoder, 36 projections with biases; embeddings 
 cosine of each sentence embedding to the float model's over the 32 texts of RETRIEVAL_PAIRS, and top-1 retrieval
 agreement with the float model (each query's nearest document by cosine; also the accuracy against the true
 pairing). GPTQ rows calibrate on CALIBRATION_SENTENCES (disjoint from the evaluation texts). SmoothQuant and KV
-rows do not apply (post-LN encoder: no norm feeds q/k/v or up directly; no KV cache). The default MiniLM rows
-take ~40 s on 2 cores (load 1 s, each row a quantize + one embedding pass); each GPTQ row adds ~30 s.
-`--config.rows=none` runs the MiniLM rows alone.
+rows do not apply (post-LN encoder: no norm feeds q/k/v or up directly; no KV cache). The 9 default MiniLM rows
+took ~45 s on the shared 2-core CPU (load and float pass ~5 s, each row a quantize + one embedding pass of 2-10 s);
+each GPTQ row adds ~25-30 s ('all': ~2 min). `--config.rows=none` runs the MiniLM rows alone.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ import numpy as np
 from flax import nnx
 
 from efficient import calibration, data, models, quant, train
-from efficient.models import llama
+from efficient.models import bert, llama
 from efficient.quant import QuantConfig, kv_cache
 from experiments import common
 
@@ -200,11 +200,22 @@ def _batches(split, tokenizer, batch_size, seq_len, count):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   workdir = common.prepare_workdir(workdir)
-  names = list(ROWS) if config.rows == "all" else [n.strip() for n in config.rows.split(",") if n.strip()]
+  names = [] if config.rows == "none" else list(ROWS) if config.rows == "all" else [
+      n.strip() for n in config.rows.split(",") if n.strip()]
   unknown = [n for n in names if n not in ROWS]
-  if unknown or not names:
-    raise ValueError(f"--config.rows: unknown {unknown or names}; choose from {list(ROWS)}.")
+  minilm_names = _minilm_names(config)
+  if unknown or not (names or minilm_names):
+    raise ValueError(f"--config.rows: unknown {unknown or names}; choose from {list(ROWS)} (or 'none' with "
+                     "--config.minilm_rows).")
   started = time.perf_counter()
+  results = {"rows": {}, "corpus": data.corpus_info()}
+  if minilm_names:
+    results["minilm"] = minilm_rows(config, minilm_names)
+  if not names:
+    results["wall_seconds"] = time.perf_counter() - started
+    _write(workdir, config, results)
+    print(f"wrote {workdir}/results.json, results.md ({results['wall_seconds']:.0f} s)", flush=True)
+    return results
   loaded = models.load(config.model, dtype=jnp.float32)
   float_model, tokenizer = loaded.model, loaded.tokenizer
   calib = _batches("train", tokenizer, config.calib_batch_size, config.calib_seq_len, config.calib_batches)
@@ -247,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"forward {rows[name]['forward_ms']:.0f} ms ({rows[name]['forward_ratio']:.2f}x float), "
           f"quantized in {quantize_s:.0f} s", flush=True)
     del model, forward
-  results = {"rows": rows, "corpus": data.corpus_info(), "wall_seconds": time.perf_counter() - started}
+  results.update(rows=rows, wall_seconds=time.perf_counter() - started)
   _write(workdir, config, results)
   print(f"wrote {workdir}/results.json, results.md, ptq.png ({results['wall_seconds']:.0f} s)", flush=True)
   return results
@@ -288,6 +299,72 @@ def decode_speed(model, kv_format, config) -> dict:
   return {"tokens_per_s": {cache: 1.0 / s if s > 0 else float("nan") for cache, s in per_token.items()},
           "speed_ratio": per_token["float"] / per_token[kv_format] if min(per_token.values()) > 0 else float("nan"),
           "timings": timings}
+
+
+def _minilm_names(config) -> list[str]:
+  rows = config.minilm_rows
+  names = list(MINILM_ROWS) if rows == "all" else [n.strip() for n in rows.split(",") if n.strip()]
+  unknown = [n for n in names if n not in MINILM_ROWS]
+  if unknown:
+    raise ValueError(f"--config.minilm_rows: unknown {unknown}; choose from {list(MINILM_ROWS)} (SmoothQuant and "
+                     "KV rows do not apply to the post-LN encoder).")
+  return names
+
+
+def retrieval_scores(queries, documents, reference_queries=None, reference_documents=None) -> dict:
+  """Top-1 retrieval of L2-normalized embeddings [n, D]: each query's nearest document by cosine. `accuracy`:
+  query i finds document i. With reference embeddings (the float model's): `agreement`, the same top-1 document
+  as the reference; `cosine_mean/min`, each embedding's cosine to its reference (queries and documents); and
+  `score_rms`, the RMS change of the query x document cosine matrix (more sensitive than top-1 on a small set)."""
+  queries, documents = np.asarray(queries, np.float64), np.asarray(documents, np.float64)
+  scores_matrix = queries @ documents.T
+  top1 = np.argmax(scores_matrix, axis=1)
+  scores = {"accuracy": float(np.mean(top1 == np.arange(len(queries)))), "top1": top1.tolist()}
+  if reference_queries is not None:
+    reference_matrix = np.asarray(reference_queries, np.float64) @ np.asarray(reference_documents, np.float64).T
+    ours = np.concatenate([queries, documents])
+    theirs = np.concatenate([reference_queries, reference_documents]).astype(np.float64)
+    cosines = np.sum(ours * theirs, axis=1) / np.linalg.norm(ours, axis=1) / np.linalg.norm(theirs, axis=1)
+    scores.update(agreement=float(np.mean(top1 == np.argmax(reference_matrix, axis=1))),
+                  cosine_mean=float(cosines.mean()), cosine_min=float(cosines.min()),
+                  score_rms=float(np.sqrt(np.mean((scores_matrix - reference_matrix) ** 2))))
+  return scores
+
+
+def minilm_rows(config, names) -> dict:
+  """The MiniLM rows (see the module docstring): {row: bytes/param, cosine to float, top-1 agreement/accuracy}."""
+  t0 = time.perf_counter()
+  loaded = models.load(config.minilm_model, dtype=jnp.float32)
+  if not isinstance(loaded.model, bert.Bert) or loaded.tokenizer is None:
+    raise ValueError(f"--config.minilm_model={config.minilm_model!r} must be a BERT model with a tokenizer.json.")
+  # Queries and documents in one padded batch: one compile per row.
+  texts = loaded.tokenizer.encode_batch([q for q, _ in RETRIEVAL_PAIRS] + [d for _, d in RETRIEVAL_PAIRS])
+  ids, mask = loaded.tokenizer.encode_batch(list(CALIBRATION_SENTENCES))
+  calib = [{"tokens": ids, "segment_ids": mask}]  # padding is segment 0: left out of the Hessians
+  statistics = calibration.capture_hessians(loaded.model, calib) if any("gptq" in n for n in names) else None
+  embed = lambda model: np.split(np.asarray(bert.embed(model, *texts)), 2)  # noqa: E731  (queries, documents)
+  reference = embed(loaded.model)
+  print(f"MiniLM ({config.minilm_model}) loaded and embedded in {time.perf_counter() - t0:.0f} s", flush=True)
+  rows = {}
+  for name in names:
+    description, make_rules = ROWS[name]
+    t0 = time.perf_counter()
+    model = loaded.model
+    if make_rules is not None:
+      model = quant.quantize_model(nnx.clone(loaded.model), make_rules(config), calibration_data=calib,
+                                   statistics=statistics)
+    if make_rules is None:
+      description = "f32 projections (the wheel's f32 safetensors)"
+    rows[name] = {"description": description, **projection_bytes(model),
+                  **retrieval_scores(*embed(model), *reference), "seconds": time.perf_counter() - t0}
+    row = rows[name]
+    print(f"[minilm {name}] {row['bytes_per_param']:.3f} B/param, cosine to float mean {row['cosine_mean']:.5f} "
+          f"min {row['cosine_min']:.5f}, score RMS change {row['score_rms']:.4f}, top-1 agreement "
+          f"{row['agreement']:.3f}, accuracy {row['accuracy']:.3f} "
+          f"({row['seconds']:.0f} s)", flush=True)
+    del model
+  return {"model": config.minilm_model, "source": loaded.source, "pairs": len(RETRIEVAL_PAIRS),
+          "calibration_sentences": len(CALIBRATION_SENTENCES), "rows": rows}
 
 
 def _forward(model):
@@ -369,6 +446,44 @@ def claims(rows, group_size: int = 64) -> list[common.Claim]:
 
 def _write(workdir, config, results):
   rows = results["rows"]
+  tables, notes, plots = {}, [], []
+  if rows:
+    _smollm2_report(workdir, config, rows, tables, notes, plots)
+  minilm = results.get("minilm")
+  if minilm:
+    tables[f"MiniLM rows ({minilm['model']}, {minilm['pairs']} query/document pairs)"] = (
+        ("row", "method", "projection bytes/param", "cosine to float (mean)", "cosine to float (min)",
+         "query x doc score RMS change", "top-1 agreement with float", "top-1 accuracy (true pairs)"),
+        [(name, row["description"], f"{row['bytes_per_param']:.3f}", f"{row['cosine_mean']:.5f}",
+          f"{row['cosine_min']:.5f}", f"{row['score_rms']:.4f}", f"{row['agreement']:.3f}", f"{row['accuracy']:.3f}")
+         for name, row in minilm["rows"].items()])
+    projections = next(iter(minilm["rows"].values()))["projections"]
+    notes.append(f"MiniLM rows: the same rules on the BERT encoder's {projections} projections (biases, embeddings "
+                 "and LayerNorms stay f32), scored on the embeddings of RETRIEVAL_PAIRS (queries and documents). "
+                 "Top-1 retrieval on 16 distinct-topic pairs saturates (every row here keeps it); the cosines and "
+                 "the RMS change of the query x document score matrix are what separate the formats. GPTQ rows "
+                 f"calibrate on {minilm['calibration_sentences']} other sentences (a few hundred tokens: Hessians "
+                 "of rank below in_features, held up by the 1% damping).")
+  title = "PTQ of SmolLM2-135M on this CPU" if rows else f"PTQ of {minilm['model']} on this CPU"
+  common.write_results(workdir, title=title, config=config.to_dict(), results=results,
+                       claims=claims(rows, config.group_size) + minilm_claims(minilm), plots=plots, tables=tables,
+                       notes="\n\n".join(notes))
+
+
+def minilm_claims(minilm) -> list[common.Claim]:
+  rows = (minilm or {}).get("rows", {})
+  if "w8" not in rows:
+    return []
+  row = rows["w8"]
+  return [common.Claim("issue 9: int8 weight-only PTQ by the same path rules keeps a BERT encoder's sentence "
+                       "embeddings (cosine to float >= 0.99, top-1 retrieval unchanged)",
+                       f"all-MiniLM-L6-v2 W8: cosine mean {row['cosine_mean']:.5f}, min {row['cosine_min']:.5f}; "
+                       f"top-1 agreement {row['agreement']:.3f}",
+                       "reproduced" if row["cosine_min"] >= 0.99 and row["agreement"] == 1.0 else "not reproduced")]
+
+
+def _smollm2_report(workdir, config, rows, tables, notes, plots):
+  """The SmolLM2 rows' table, decode table, plot and notes (added to `tables`, `notes`, `plots`)."""
   base = rows.get("float32", {}).get("validation", {}).get("perplexity")
   table = []
   for name, row in rows.items():
@@ -381,30 +496,29 @@ def _write(workdir, config, results):
              f"{row['decode']['tokens_per_s'][name.removeprefix('kv-')]:.1f}", f"{row['decode']['speed_ratio']:.2f}x")
             for name, row in rows.items() if "decode" in row]
   plot = _plot(workdir, rows, base)
+  plots.extend([plot] if plot else [])
   tokens = next(iter(rows.values()))["validation"]["tokens"]
   projections = next(iter(rows.values()))["projections"]
-  common.write_results(
-      workdir, title="PTQ of SmolLM2-135M on this CPU", config=config.to_dict(), results=results,
-      claims=claims(rows, config.group_size), plots=[plot] if plot else [],
-      tables={"Rows": (("row", "method", "projection bytes/param", "KV bytes/token (vs f32 cache)",
-                        f"val ppl ({tokens} tokens)", "Δ ppl vs f32", f"forward [1,{config.prefill_len}] ms",
-                        "vs f32 (alternating)", "quantize s"), table),
-              **({"KV-cache decode (greedy, CPU)": (
-                  ("row", "float cache tok/s", "quantized cache tok/s", "quantized / float speed"), decode)}
-                 if decode else {})},
-      notes=(f"Calibration: {config.calib_batches}x{config.calib_batch_size}x{config.calib_seq_len} train tokens "
-             "(GPTQ's paper uses 128x2048); Hessians captured once from the float model (one-shot, not GPTQ's "
-             f"sequential re-capture), damp 1% of mean diag. Bytes/param counts the {projections} projections only "
-             "(embedding/head and norms stay f32). CPU forward times run the reference/XLA paths of the kernels "
-             "(dequantize then matmul for weight-only; int8 GEMM for W8A8), medians of "
-             f"{config.timing_repeats} runs alternating with the float model on a shared 2-core machine "
-             "(±50%); they say nothing about TPU/GPU kernels. kv-* rows: float weights, perplexity of the simulated "
-             f"quantized-KV forward (= decoding with the quantized cache); K scales per channel over groups of "
-             f"{config.kv_group_size} slots, the open group kept in float (KIVI's residual), so in these "
-             f"{config.eval_seq_len}-token sequences a query sees up to {config.kv_group_size - 1} float keys; "
-             f"KV bytes/token measured on a {next(iter(rows.values()))['kv_bytes_len']}-slot cache (all layers); "
-             f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens, the XLA path "
-             "dequantizes the whole cache every step (no fused kernel)."))
+  tables["Rows"] = (("row", "method", "projection bytes/param", "KV bytes/token (vs f32 cache)",
+                     f"val ppl ({tokens} tokens)", "Δ ppl vs f32", f"forward [1,{config.prefill_len}] ms",
+                     "vs f32 (alternating)", "quantize s"), table)
+  if decode:
+    tables["KV-cache decode (greedy, CPU)"] = (
+        ("row", "float cache tok/s", "quantized cache tok/s", "quantized / float speed"), decode)
+  notes.append(
+      f"Calibration: {config.calib_batches}x{config.calib_batch_size}x{config.calib_seq_len} train tokens "
+      "(GPTQ's paper uses 128x2048); Hessians captured once from the float model (one-shot, not GPTQ's "
+      f"sequential re-capture), damp 1% of mean diag. Bytes/param counts the {projections} projections only "
+      "(embedding/head and norms stay f32). CPU forward times run the reference/XLA paths of the kernels "
+      "(dequantize then matmul for weight-only; int8 GEMM for W8A8), medians of "
+      f"{config.timing_repeats} runs alternating with the float model on a shared 2-core machine "
+      "(±50%); they say nothing about TPU/GPU kernels. kv-* rows: float weights, perplexity of the simulated "
+      f"quantized-KV forward (= decoding with the quantized cache); K scales per channel over groups of "
+      f"{config.kv_group_size} slots, the open group kept in float (KIVI's residual), so in these "
+      f"{config.eval_seq_len}-token sequences a query sees up to {config.kv_group_size - 1} float keys; "
+      f"KV bytes/token measured on a {next(iter(rows.values()))['kv_bytes_len']}-slot cache (all layers); "
+      f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens, the XLA path "
+      "dequantizes the whole cache every step (no fused kernel).")
 
 
 def _plot(workdir, rows, base):

@@ -63,15 +63,6 @@ def _check_bits(bits):
     raise ValueError(f"bits={bits!r} is not a packed width; choose one of {PACKED_BITS}.")
 
 
-def packed_shape(shape, bits: int, axis: int = 0) -> tuple:
-  """The shape of `pack(codes, bits, axis=axis)` for codes of `shape`: `axis` shrinks to bits * size / 8."""
-  _check_bits(bits)
-  per_word, word_bytes = _WORD[bits]
-  axis = _check_axis(axis, len(shape))
-  check_packable(shape[axis], bits, name=f"shape[{axis}]")
-  return tuple(d // per_word * word_bytes if i == axis else d for i, d in enumerate(shape))
-
-
 def _check_axis(axis, ndim: int) -> int:
   if isinstance(axis, bool) or not isinstance(axis, int) or not -ndim <= axis < ndim:
     raise ValueError(f"axis={axis!r} is out of range for an array of rank {ndim}.")

@@ -110,9 +110,9 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   codes, scale, zero = _gptq_blocks(w32, mask[perm], u, perm, scale, zero, fmt=fmt, g=g, block_size=block_size,
                                     symmetric=symmetric, scale_dtype=scale_dtype, static=static)
   codes = codes[jnp.argsort(perm)]
-  return QArray(qvalue=formats.encode_int(codes, fmt, symmetric, 0), scale=scale, zero_point=None if symmetric else zero,
-                fmt=fmt.name, shape=(k, n), dtype=jnp.dtype(w.dtype).name, axis=0,
-                granularity="channel" if group_size is None else "group", group_size=g,
+  return QArray(qvalue=formats.encode_int(codes, fmt, symmetric, 0), scale=scale,
+                zero_point=None if symmetric else zero, fmt=fmt.name, shape=(k, n), dtype=jnp.dtype(w.dtype).name,
+                axis=0, granularity="channel" if group_size is None else "group", group_size=g,
                 logical_axes=None if logical_axes is None else tuple(logical_axes))
 
 

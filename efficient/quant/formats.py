@@ -129,7 +129,8 @@ def reduce_tiles(x, scale_shape_, op):
 
 
 def broadcast_tiles(s, shape):
-  """A scale-like array s -> `shape`: element j of axis i covers [j * t_i, (j + 1) * t_i), t_i = shape[i] / s.shape[i]."""
+  """A scale-like array s -> `shape`: element j of axis i covers values [j * t_i, (j + 1) * t_i) of that axis,
+  t_i = shape[i] / s.shape[i]."""
   shape = tuple(shape)
   if s.shape == shape:
     return s

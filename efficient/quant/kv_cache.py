@@ -64,6 +64,8 @@ LOGICAL_AXES = {
     "v": ("batch", "length", "kv_heads", "head_dim"),
 }
 _KEY_AXIS, _VALUE_AXIS = 2, 3  # the axis each scale spans (and codes are packed along)
+# The one storage rule of the cache: asymmetric RTN, one f32 scale + uint8 zero point per slice along the axis.
+_STORAGE = dict(symmetric=False, scale_dtype=jnp.float32)
 
 
 def check_format(kv_format, head_dim: int, group_size) -> None:
@@ -78,8 +80,7 @@ def check_format(kv_format, head_dim: int, group_size) -> None:
 
 
 def _quantize_kv(x, axis: int, kv_format: str, logical_axes) -> qa.QArray:
-  """The one storage rule of the cache: asymmetric RTN, one f32 scale + uint8 zero point per slice along `axis`."""
-  return qa.quantize(x, kv_format, axis=axis, symmetric=False, scale_dtype=jnp.float32, logical_axes=logical_axes)
+  return qa.quantize(x, kv_format, axis=axis, logical_axes=logical_axes, **_STORAGE)
 
 
 @struct.dataclass
@@ -111,7 +112,7 @@ def init_layer_cache(batch: int, max_len: int, num_kv_heads: int, head_dim: int,
   group_size = DEFAULT_GROUP_SIZE if group_size is None else group_size
   check_format(kv_format, head_dim, group_size)
   num_groups = -(-max_len // group_size)
-  kv_kwargs = dict(symmetric=False, scale_dtype=jnp.float32, dtype=dtype)
+  kv_kwargs = dict(_STORAGE, dtype=dtype)  # laid out as _quantize_kv lays out what is written into it
   return QuantizedKVCache(
       k=qa.zeros((batch, num_groups, group_size, num_kv_heads, head_dim), kv_format, axis=_KEY_AXIS,
                  logical_axes=LOGICAL_AXES["k"], **kv_kwargs),

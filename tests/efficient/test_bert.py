@@ -197,6 +197,24 @@ def test_segment_ids_pack_two_sentences():
     model(packed, jnp.ones_like(packed), segment_ids=jnp.ones_like(packed))
 
 
+def test_calibration_capture_and_int4_gptq_on_bert():
+  """Calibration passes call `model(tokens, segment_ids=...)`: padding (segment 0) is left out of the Hessians,
+  and GPTQ quantizes all 12 projections of the tiny encoder by the same rules as Llama's."""
+  model = tiny()
+  ids = jax.random.randint(jax.random.key(2), (2, 8), 1, 128, dtype=jnp.int32)
+  segments = jnp.asarray([[1] * 8, [1] * 5 + [0] * 3], jnp.int32)
+  batches = [{"tokens": ids, "segment_ids": segments}]
+  stats = calibration.capture_hessians(model, batches)
+  assert len(stats) == 12 and {s["count"] for s in stats.values()} == {13}
+  assert stats["blocks/1/mlp/down"]["hessian"].shape == (64, 64)
+  rules = [(".*", quant.QuantConfig(fmt="int4", group_size=16, method="gptq"))]
+  quantized = quant.quantize_model(nnx.clone(model), rules, calibration_data=batches, statistics=stats)
+  assert not calibration.einsum_modules(quantized)
+  mask = segments
+  cosine = np.sum(np.asarray(bert.embed(quantized, ids, mask) * bert.embed(model, ids, mask)), axis=-1)
+  assert cosine.min() > 0.9
+
+
 def test_tiny_folder_round_trip_and_bad_checkpoints(tmp_path):
   model = tiny(seed=3)
   folder = hf.save_folder(model, tmp_path / "tiny_bert")

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient import calibration
+from efficient import calibration, nn
 from efficient.models import llama
 
 
@@ -55,22 +55,40 @@ def test_kernel_matrix_round_trip_and_product(tiny, path):
 def test_parse_equation_rejects_bad_equations():
   with pytest.raises(ValueError, match="equation"):
     calibration.parse_equation("btd,df")
+  with pytest.raises(ValueError, match="ellipsis"):
+    calibration.parse_equation("bi,...io->bo")
+
+
+def test_ellipsis_equation_of_nnx_linear():
+  """nnx.Linear's '...i,io->...o': the ellipsis is batch axes, spelled out per input rank."""
+  spec = calibration.parse_equation("...i,io->...o")
+  assert (spec["contract"], spec["outputs"], spec["batch"], spec["ellipsis"]) == (("i",), ("o",), (), True)
+  assert calibration.concrete_equation("...i,io->...o", 3) == "abi,io->abo"
+  linear = nnx.Linear(6, 5, bias_init=nnx.initializers.normal(1.0), rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(2), (2, 3, 6))
+  rows = calibration.inputs_as_matrix("...i,io->...o", x)
+  assert rows.shape == (6, 6)
+  y2 = np.asarray(rows, np.float64) @ np.asarray(calibration.kernel_as_matrix(linear), np.float64)
+  y = calibration.outputs_from_matrix("...i,io->...o", jnp.asarray(y2, jnp.float32), x.shape, (6, 5))
+  y = calibration.add_bias("...i,io->...o", y, linear.bias[...], x.ndim, (6, 5))
+  np.testing.assert_allclose(y, linear(x), rtol=1e-5, atol=1e-5)
+  assert calibration.matrix_axis_names(linear) == (None, None)
 
 
 def test_capture_hessians_matches_recorded_inputs(tiny, monkeypatch):
   batches = [_batch(0), _batch(1, pad_from=5)]
   hessians = calibration.capture_hessians(tiny, batches)
-  assert all(isinstance(m, llama.Einsum) for m in calibration.einsum_modules(tiny).values())  # restored
+  assert all(isinstance(m, nn.Einsum) for m in calibration.einsum_modules(tiny).values())  # restored
 
   # Independent: record every Einsum's input with an eager monkeypatched __call__, then 2 XᵀX / n in f64.
   recorded = {}
-  original = llama.Einsum.__call__
+  original = nn.Einsum.__call__
 
   def recording(self, x):
     recorded.setdefault(id(self), []).append(np.asarray(x, np.float64))
     return original(self, x)
 
-  monkeypatch.setattr(llama.Einsum, "__call__", recording)
+  monkeypatch.setattr(nn.Einsum, "__call__", recording)
   for b in batches:
     tiny(jnp.asarray(b["tokens"]), positions=jnp.asarray(b["positions"]), segment_ids=jnp.asarray(b["segment_ids"]))
   monkeypatch.undo()
@@ -91,6 +109,6 @@ def test_capture_hessians_restores_modules_on_error(tiny):
   bad["tokens"] = np.full_like(bad["tokens"], -1)[:, :0]  # an empty batch breaks the forward
   with pytest.raises(Exception):
     calibration.capture_hessians(tiny, [bad], pattern=r".*/mlp/.*")
-  assert all(isinstance(m, llama.Einsum) for m in calibration.einsum_modules(tiny).values())
+  assert all(isinstance(m, nn.Einsum) for m in calibration.einsum_modules(tiny).values())
   with pytest.raises(ValueError, match="pattern"):
     calibration.capture_hessians(tiny, [_batch(0)], pattern="nothing-matches")

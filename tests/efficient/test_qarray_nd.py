@@ -1,15 +1,17 @@
 """N-d QArrays (efficient.quant.qarray) against an independent NumPy re-derivation: codes in the array's own shape
 (packed along the contraction axis), scales broadcast by tiles; a 3-D [embed, heads, head_dim] kernel per channel
 and per group, a KV-style per-token array, several contraction axes, NF4 double quantization on N-d scales, fp8
-and MX on a non-leading axis; the reshape to the 2-D kernel layout is free; zeros(); logical names; bad input."""
+and MX on a non-leading axis; the reshape to the 2-D kernel layout is free; zeros(); logical names; orbax; bad
+input."""
 import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from efficient import quant
-from efficient.quant import qarray
+from efficient.quant import kv_cache, qarray
 
 EMBED, HEADS, HEAD_DIM = 64, 3, 8
 
@@ -220,3 +222,22 @@ def test_bad_axes_are_refused(bad):
   shape = (63, 4, 8) if bad == "packed_axis_odd" else (EMBED, HEADS, HEAD_DIM)
   with pytest.raises(ValueError, match=message):
     quant.quantize(jnp.ones(shape), fmt, **kwargs)
+
+
+def test_orbax_round_trip_of_nd_qarrays_is_bit_identical(tmp_path):
+  """A packed 3-D int4 weight and a quantized KV cache (QArrays inside) restore bit for bit, packed as stored."""
+  q = quant.quantize(_x((EMBED, HEADS, HEAD_DIM), seed=9), "int4", group_size=16, symmetric=False)
+  cache = kv_cache.init_layer_cache(1, 8, 2, 16, kv_format="int4", group_size=4)
+  cache = kv_cache.update_and_attend(cache, jnp.ones((1, 5, 2, 16)), jnp.asarray(_x((1, 5, 2, 16), seed=10)),
+                                     jnp.asarray(_x((1, 5, 2, 16), seed=11)), index=jnp.int32(0),
+                                     q_positions=jnp.arange(5)[None], kv_positions=jnp.arange(8)[None])[1]
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(tmp_path / "q", {"weight": q, "cache": cache})
+  checkpointer.wait_until_finished()
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), {"weight": q, "cache": cache})
+  restored = checkpointer.restore(tmp_path / "q", target)
+  assert restored["weight"].qvalue.dtype == jnp.uint8 and restored["weight"].qvalue.shape == (EMBED // 2, HEADS,
+                                                                                              HEAD_DIM)
+  assert jax.tree.structure(restored) == jax.tree.structure({"weight": q, "cache": cache})
+  for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves({"weight": q, "cache": cache}), strict=True):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

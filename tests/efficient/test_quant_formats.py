@@ -50,6 +50,19 @@ def test_pack_unpack_round_trip_is_exact(bits, words, cols, fill, seed):
   np.testing.assert_array_equal(np.asarray(unpacked), codes)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_packing_along_any_axis_is_the_axis_0_layout_moved(bits):
+  # A KV cache packs along a group's tokens or head_dim: the same planar layout along that axis.
+  k = 2 * packing.values_per_word(bits)
+  codes = np.random.default_rng(bits).integers(0, 2 ** bits, (3, k, 5), dtype=np.uint8)
+  along_1 = packing.pack(jnp.asarray(codes), bits, axis=1)
+  along_0 = packing.pack(jnp.asarray(np.moveaxis(codes, 1, 0)), bits)
+  np.testing.assert_array_equal(np.asarray(along_1), np.moveaxis(np.asarray(along_0), 0, 1))
+  np.testing.assert_array_equal(np.asarray(packing.unpack(along_1, bits, axis=-2)), codes)
+  with pytest.raises(ValueError, match=r"^codes\.shape\[2\]=5 must be a multiple of"):
+    packing.pack(jnp.asarray(codes), bits, axis=2)
+
+
 def test_int4_layout_is_planar():
   # Row i's nibble is low, row i + K/2's is high: the documented layout the kernels unpack.
   codes = jnp.arange(8, dtype=jnp.uint8).reshape(8, 1)

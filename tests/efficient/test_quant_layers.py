@@ -7,7 +7,7 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from efficient import calibration, quant
+from efficient import calibration, nn, quant
 from efficient.models import llama
 from efficient.quant import QuantConfig, layers, rules
 
@@ -40,7 +40,7 @@ WEIGHT_ONLY = [QuantConfig(fmt="int8"), QuantConfig(fmt="int4", group_size=16),
 def test_weight_only_matches_dequantized_weights(tiny, tokens, config):
   quantized = quant.quantize_model(nnx.clone(tiny), [(r".*", config)])
   assert all(isinstance(m, layers.QuantizedEinsum) for m in calibration.einsum_modules(
-      quantized, types=(llama.Einsum, layers.QuantizedEinsum)).values())
+      quantized, types=(nn.Einsum, layers.QuantizedEinsum)).values())
   expected = _dequantized_float_model(tiny, quantized)(tokens)
   np.testing.assert_allclose(quantized(tokens), expected, rtol=1e-4, atol=1e-4)
 

@@ -1,13 +1,17 @@
-"""experiments.quant_formats and experiments.bench_quant at toy configs (no SmolLM2 load)."""
+"""experiments.quant_formats, experiments.bench_quant and the MiniLM rows of experiments.ptq at toy configs (no
+SmolLM2 or MiniLM load)."""
 import json
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
+from tokenizers import Tokenizer, models as tokenizer_models, normalizers, pre_tokenizers, processors
 
 from efficient import calibration, models
-from experiments import bench_quant, quant_formats
+from efficient.models import bert, hf
+from experiments import bench_quant, ptq, quant_formats
 
 
 def test_quant_formats_synthetic_only(tmp_path):
@@ -86,3 +90,51 @@ def test_bad_bench_shapes_are_refused(tmp_path):
   config.shapes = "32x128"
   with pytest.raises(ValueError, match="--config.shapes='32x128'"):
     bench_quant.run(config, str(tmp_path))
+
+
+def toy_encoder_folder(directory):
+  """A random-init BERT folder whose WordPiece tokenizer.json knows every word of ptq's sentence sets."""
+  texts = [t for pair in ptq.RETRIEVAL_PAIRS for t in pair] + list(ptq.CALIBRATION_SENTENCES)
+  normalizer, splitter = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+  words = sorted({w for t in texts for w, _ in splitter.pre_tokenize_str(normalizer.normalize_str(t))})
+  vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[CLS]", "[SEP]", *words])}
+  tokenizer = Tokenizer(tokenizer_models.WordPiece(vocab, unk_token="[UNK]"))
+  tokenizer.normalizer, tokenizer.pre_tokenizer = normalizer, splitter
+  tokenizer.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+  # init_std 0.2 (not 0.02): weights large enough that the projections, not the embeddings, shape the output.
+  model = bert.Bert(bert.TINY_BERT.replace(vocab_size=len(vocab), init_std=0.2), rngs=nnx.Rngs(0))
+  folder = hf.save_folder(model, directory / "toy_encoder")
+  tokenizer.save(str(folder / "tokenizer.json"))
+  return folder
+
+
+def test_ptq_minilm_rows_on_a_toy_encoder(tmp_path):
+  config = ptq.default_config()
+  config.update(rows="none", minilm_model=str(toy_encoder_folder(tmp_path)), minilm_rows="float32,w8,w4-rtn",
+                group_size=16)
+  results = ptq.run(config, str(tmp_path / "work"))
+  assert results["rows"] == {} and results["minilm"]["pairs"] == 16
+  rows = results["minilm"]["rows"]
+  assert list(rows) == ["float32", "w8", "w4-rtn"]
+  assert rows["float32"]["cosine_min"] == pytest.approx(1.0) and rows["float32"]["agreement"] == 1.0
+  assert rows["float32"]["score_rms"] == 0.0 and rows["float32"]["bytes_per_param"] == 4.0
+  assert rows["w8"]["projections"] == 12  # q/k/v/o/up/down of 2 blocks
+  assert 1.0 < rows["w8"]["bytes_per_param"] < 1.2  # int8 codes + one scale per output column (K = 32 or 64)
+  assert 0.5 < rows["w4-rtn"]["bytes_per_param"] < 0.7  # packed int4 + a scale per 16 rows
+  assert rows["w8"]["cosine_min"] > 0.99 and rows["w8"]["agreement"] >= 0.9
+  assert rows["w4-rtn"]["score_rms"] > rows["w8"]["score_rms"] > 0
+  assert rows["w4-rtn"]["cosine_mean"] < rows["w8"]["cosine_mean"]
+  markdown = (tmp_path / "work" / "results.md").read_text()
+  assert "MiniLM rows" in markdown and "issue 9: int8 weight-only PTQ" in markdown
+
+
+def test_retrieval_scores_of_known_embeddings(tmp_path):
+  eye = np.eye(4)
+  scores = ptq.retrieval_scores(eye, eye[[1, 0, 2, 3]], eye, eye)
+  assert scores["accuracy"] == 0.5 and scores["agreement"] == 0.5 and scores["top1"] == [1, 0, 2, 3]
+  assert scores["cosine_min"] == 0.0 and scores["cosine_mean"] == 0.75
+  with pytest.raises(ValueError, match="minilm_rows: unknown \\['kv-int8'\\]"):
+    config = ptq.default_config()
+    config.update(rows="none", minilm_rows="kv-int8")
+    ptq.run(config, str(tmp_path))
