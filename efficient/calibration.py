@@ -2,8 +2,8 @@
 shared by PTQ (GPTQ, SmoothQuant), QAT and pruning (Wanda, SparseGPT).
 
 A linear layer is any module of `efficient.nn.LINEAR_TYPES` (this project's `Einsum`, flax's `nnx.Linear` and
-`nnx.Einsum`), described by `efficient.nn.linear_view` (equation, kernel, bias, logical axes), so a user's own
-NNX model works unchanged. This module finds them by path (`einsum_modules`: full-match regex on paths like
+`nnx.Einsum`), described by an `efficient.nn.LinearView` (`linear_view`: equation, kernel, bias, logical axes,
+compute dtype), so a user's own NNX model works unchanged. This module finds them by path (`einsum_modules`: full-match regex on paths like
 'blocks/3/mlp/gate'), matches rule lists against them (`match_rules`: first full match wins, a rule matching
 no layer is an error), views a kernel as the matrix the literature talks about (`kernel_as_matrix`: the
 contracted axes flattened as `in_features`, the rest as `out_features`) and collects, per layer, the second

@@ -3,7 +3,7 @@ compiled cost and memory, and the modelled kernel cost of a Llama forward.
 
 Why residuals: XLA:CPU's `memory_analysis()` drops remat recomputation in unrolled code and counts a scan body
 once, so activation memory is measured as the bytes autodiff saves for the backward pass, which is exact and
-backend-independent (DESIGN.md, fact 7).
+backend-independent (README, Design, fact 5).
 """
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ def compiled_cost(fn: Callable, *args, **kwargs) -> dict[str, float]:
   """XLA's own figures for `jax.jit(fn)(*args)`: cost analysis (flops, bytes accessed, transcendentals) and
   memory analysis (argument, output, temp, alias, generated code and peak bytes).
 
-  Caveat (DESIGN.md fact 7): on CPU a scan body is counted once and remat recomputation may be removed.
+  Caveat (README, Design, fact 5): on CPU a scan body is counted once and remat recomputation may be removed.
   """
   compiled = jax.jit(fn).lower(*args, **kwargs).compile()
   analysis = compiled.cost_analysis()

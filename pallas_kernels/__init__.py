@@ -1,4 +1,4 @@
-"""Pallas kernels with plain-jnp references, one folder per op (see DESIGN.md, "pallas_kernels/").
+"""Pallas kernels with plain-jnp references, one folder per op (see the README, "Design").
 
 Note: `pallas_kernels.matmul` below is the *function*; reach an op's other parts with
 `from pallas_kernels.matmul import tpu, cost, IMPLEMENTATIONS` (which reads the submodule).

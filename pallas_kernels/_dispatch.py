@@ -12,7 +12,7 @@ A policy names one implementation for every op called inside it (an explicit `im
 wins). An op that lacks the named kernel ('pallas_*', 'interpret_*') raises -- never a silent fallback when a
 kernel was asked for. A policy of 'xla' runs the 'reference' of ops without a separate XLA path: for those ops
 the reference IS their plain-jnp XLA path ('xla' is only listed where an op has an optimized one, see
-DESIGN.md). 'pallas_tpu' / 'pallas_gpu' need their backend, from a policy as from an argument.
+the README, "Design"). 'pallas_tpu' / 'pallas_gpu' need their backend, from a policy as from an argument.
 
 The policy is a `jax.make_user_context`: thread-local, nestable, and part of jax's jit cache key, so a function
 jitted outside a policy is traced again inside one instead of silently keeping the implementations it was traced

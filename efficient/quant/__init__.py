@@ -1,6 +1,7 @@
 """Quantization: `QArray` formats (int8, packed int4/int3/int2, NF4, fp8, MX), RTN quantize/dequantize, SQNR,
 `matmul(x, q)` through the weight-only Pallas kernels, PTQ methods (`gptq_quantize`, SmoothQuant) and
-`quantize_model(model, rules, calibration_data)` with quantized Einsum layers, and basic QAT (LSQ)."""
+`quantize_model(model, rules, calibration_data)` (full-match path rules over any linear layer: `efficient.nn.Einsum`,
+`nnx.Linear`, `nnx.Einsum`) with quantized replacement layers, and basic QAT (LSQ)."""
 from efficient.quant.formats import FORMATS, Format
 from efficient.quant.qarray import QArray, bytes_per_param, dequantize, matmul, nbytes, quantize, sqnr_db
 from efficient.quant.calibrate import gptq_quantize, rtn_quantize, smoothquant_scales

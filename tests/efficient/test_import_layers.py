@@ -1,4 +1,4 @@
-"""The floors of DESIGN.md hold: parsed from the source (every import, function-local ones included), the
+"""The floors of the README's Design section hold: parsed from the source (every import, function-local ones included), the
 transforms and the attention core never import `efficient.models`, `pallas_kernels` never imports `efficient`,
 and `efficient/` has no import cycle."""
 import ast

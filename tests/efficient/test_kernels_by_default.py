@@ -59,3 +59,20 @@ def test_counter_sees_kernels_inside_jit_and_custom_vjp():
   f = jax.jit(lambda x: pallas_kernels.rms_norm(x, w, implementation="interpret_tpu"))
   assert count_pallas_calls(jax.make_jaxpr(f)(x)) == 1
   assert count_pallas_calls(jax.make_jaxpr(lambda x: jnp.sum(x))(x)) == 0
+
+
+def test_decode_through_flash_decode_per_shard_equals_one_device():
+  """Under a mesh the one-token steps run flash_decode inside shard_map (batch rows over data/fsdp, kv heads over
+  tensor): greedy tokens and the decode logits equal one device's."""
+  from efficient import sharding
+  model = llama.Llama(CONFIG, rngs=nnx.Rngs(1))
+  prompt = jax.random.randint(jax.random.key(3), (4, 6), 0, CONFIG.vocab_size, dtype=jnp.int32)
+  expected = np.asarray(llama.generate(model, prompt, 5))
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  sharded = nnx.clone(model)
+  assert sharding.shard_model(sharded, mesh, "fsdp_tp") == []
+  with jax.set_mesh(mesh):
+    tokens = llama.generate(sharded, jax.device_put(prompt, sharding.batch_sharding(mesh, "fsdp_tp")), 5)
+    hlo = jax.jit(lambda t, c: sharded(t, cache=c)).lower(prompt[:, :1], llama.init_cache(CONFIG, 4, 8)).as_text()
+  assert "shard_map" in hlo or "manual" in hlo.lower()
+  np.testing.assert_array_equal(np.asarray(tokens), expected)
