@@ -64,14 +64,14 @@ class Einsum(nnx.Module):
     self.compute_dtype = compute_dtype
     init = kernel_init or normal_init()
     self.kernel = logical_param(init(rngs.params(), tuple(shape), param_dtype), names)
-    self.bias = None
+    bias = None
     if use_bias:
       axes, output = _output_axes(equation)
       out_kernel_letters = [kernel_letters[i] for i in axes]
       if "".join(out_kernel_letters) != output[len(output) - len(axes):]:
         raise ValueError(f"Einsum: use_bias needs the kernel's output axes last in the output ({equation!r}).")
-      self.bias = logical_param(jnp.zeros(tuple(shape[i] for i in axes), param_dtype),
-                                tuple(names[i] for i in axes))
+      bias = logical_param(jnp.zeros(tuple(shape[i] for i in axes), param_dtype), tuple(names[i] for i in axes))
+    self.bias = bias  # assigned once: nnx makes an attribute first set to None static
 
   def __call__(self, x):
     y = jnp.einsum(self.equation, x, self.kernel[...].astype(self.compute_dtype))

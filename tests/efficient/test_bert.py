@@ -13,7 +13,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from efficient import calibration, models, quant
+from efficient import calibration, models, quant, sharding
 from efficient.models import bert, hf
 
 GOLDEN_PATH = pathlib.Path(__file__).parents[1] / "data" / "minilm_golden.npz"
@@ -108,6 +108,21 @@ def test_flash_path_equals_reference(minilm, golden):
         models.load("all-minilm-l6-v2", attention_implementation=implementation).model, ids, mask))
   np.testing.assert_allclose(outputs["xla"], outputs["reference"], atol=2e-5, rtol=0)
   assert np.abs(real_tokens(outputs["xla"], mask) - golden["hidden_at_tokens"]).max() <= HIDDEN_TOLERANCE
+
+
+@pytest.mark.slow
+def test_sharded_on_8_devices_matches_sentence_transformers(minilm, golden):
+  """fsdp_tp on 8 fake devices: 12 heads and the 1536 MLP units split over tensor, embed over fsdp, the batch
+  over data; the flash kernel runs per (batch row, head) shard. Same hidden states as the golden."""
+  mesh = sharding.make_mesh("data:2,fsdp:2,tensor:2")
+  model = nnx.clone(minilm.model)
+  assert sharding.shard_model(model, mesh, "fsdp_tp") == []  # every dimension divides its mesh axis
+  q = model.blocks[0].attention.q.kernel[...]
+  assert q.sharding.shard_shape(q.shape) == (192, 6, 32)
+  ids, mask = golden["input_ids"], golden["attention_mask"]
+  with jax.set_mesh(mesh):
+    hidden = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+  assert np.abs(real_tokens(hidden, mask) - golden["hidden_at_tokens"]).max() <= HIDDEN_TOLERANCE
 
 
 @pytest.mark.slow
