@@ -122,33 +122,8 @@ def set_module(model: nnx.Module, path: str, module: nnx.Module) -> None:
 
 # --- what a transform reads of a layer ------------------------------------------------------------------------
 
-def _variable_names(variable) -> tuple:
-  names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
-  return tuple(names) if names else (None,) * jnp.ndim(variable[...])
-
-
-def linear_view(module) -> nn.LinearView:
-  """The `efficient.nn.LinearView` (equation, kernel, bias, logical axes, compute dtype) of a linear layer, or
-  the same description of a transform's replacement that keeps a float kernel (`equation`, `kernel`, `bias`,
-  `compute_dtype` attributes: FakeQuantEinsum, SparseEinsum). Axis names come from each variable's
-  `out_sharding` metadata, None per axis where it has none (a plain nnx.Linear)."""
-  if isinstance(module, nnx.Linear):
-    equation, dtype = "...i,io->...o", module.dtype
-  elif isinstance(module, nnx.Einsum):
-    if module.einsum_str is None:
-      raise TypeError("an nnx.Einsum without a constructor einsum_str cannot be matched by path rules (its "
-                      "equation is given per call).")
-    equation, dtype = module.einsum_str.replace(" ", ""), module.dtype
-  elif isinstance(module, nn.Einsum) or (hasattr(module, "equation")
-                                         and isinstance(getattr(module, "kernel", None), nnx.Variable)):
-    equation, dtype = module.equation, getattr(module, "compute_dtype", None)
-  else:
-    raise TypeError(f"{type(module).__name__} is not a linear layer ({_TYPE_NAMES}) nor a replacement with an "
-                    f"equation and a kernel.")
-  bias = getattr(module, "bias", None)
-  return nn.LinearView(equation=equation, kernel=module.kernel[...], bias=None if bias is None else bias[...],
-                       kernel_names=_variable_names(module.kernel),
-                       bias_names=None if bias is None else _variable_names(bias), compute_dtype=dtype)
+# The one description of any linear layer (or a replacement keeping a float kernel) lives on the layer floor.
+linear_view = nn.linear_view
 
 
 def equation_of(module) -> str:

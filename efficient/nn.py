@@ -163,40 +163,30 @@ def is_linear(module) -> bool:
   return isinstance(module, LINEAR_TYPES)
 
 
-def _names(param) -> tuple:
-  names = getattr(param, "out_sharding", None) or getattr(param, "sharding", None)
-  if not names:
-    return (None,) * param[...].ndim
-  return tuple(names)
+def _names(variable) -> tuple:
+  """Logical axis names from a variable's `out_sharding` metadata, None per axis where it has none."""
+  names = variable.get_metadata().get("out_sharding") if isinstance(variable, nnx.Variable) else None
+  return tuple(names) if names else (None,) * jnp.ndim(variable[...])
 
 
 def linear_view(module) -> LinearView:
-  """The `LinearView` of an `Einsum`, `nnx.Linear` or `nnx.Einsum`; TypeError for anything else."""
-  bias = getattr(module, "bias", None)
-  bias_value = None if bias is None else bias[...]
-  bias_names = None if bias is None else _names(bias)
-  if isinstance(module, Einsum):
-    equation, dtype = module.equation, module.compute_dtype
-  elif isinstance(module, nnx.Linear):
+  """The `LinearView` of an `Einsum`, `nnx.Linear` or `nnx.Einsum` -- or of a transform's replacement that keeps
+  a float kernel (`equation`, `kernel`, optional `bias` and `compute_dtype` attributes, e.g. a fake-quantized or
+  masked layer); TypeError for anything else."""
+  if isinstance(module, nnx.Linear):
     equation, dtype = "...i,io->...o", module.dtype
   elif isinstance(module, nnx.Einsum):
     if module.einsum_str is None:
       raise TypeError("linear_view: an nnx.Einsum without a constructor einsum_str cannot be described by path "
                       "rules (its equation is given per call).")
     equation, dtype = module.einsum_str.replace(" ", ""), module.dtype
+  elif isinstance(module, Einsum) or (hasattr(module, "equation")
+                                      and isinstance(getattr(module, "kernel", None), nnx.Variable)):
+    equation, dtype = module.equation, getattr(module, "compute_dtype", None)
   else:
-    raise TypeError(f"linear_view: {type(module).__name__} is not a linear layer; expected one of "
-                    f"{[t.__name__ for t in LINEAR_TYPES]}.")
-  return LinearView(equation=equation, kernel=module.kernel[...], bias=bias_value,
-                    kernel_names=_names(module.kernel), bias_names=bias_names, compute_dtype=dtype)
-
-
-def apply_linear(view_equation: str, x, kernel, bias=None, compute_dtype=None):
-  """`einsum(equation, x, kernel) + bias` as the layer computes it (bias broadcast over the output's trailing
-  axes), f32 accumulation, result in `compute_dtype` (None: x's dtype)."""
-  dtype = compute_dtype or x.dtype
-  y = jnp.einsum(view_equation, x.astype(dtype), kernel.astype(dtype), preferred_element_type=jnp.float32)
-  if bias is not None:
-    y = y + bias.astype(jnp.float32)
-  return y.astype(dtype)
-
+    raise TypeError(f"linear_view: {type(module).__name__} is not a linear layer "
+                    f"({[t.__name__ for t in LINEAR_TYPES]}) nor a replacement with an equation and a kernel.")
+  bias = getattr(module, "bias", None)
+  return LinearView(equation=equation, kernel=module.kernel[...], bias=None if bias is None else bias[...],
+                    kernel_names=_names(module.kernel), bias_names=None if bias is None else _names(bias),
+                    compute_dtype=dtype)

@@ -5,17 +5,19 @@
     vectors = mean_pool_normalize(hidden, attention_mask)   # sentence-transformers' mean pooling + L2 norm
 
 Post-LayerNorm blocks (x = LN(x + attention(x)); x = LN(x + down(gelu(up(x))))), learned absolute position and
-token-type embeddings, exact (erf) GELU, biases on every projection. Parameter paths follow the Llama model's
+token-type embeddings, exact (erf) GELU, biases on every projection. Projection paths follow the Llama model's
 where the role is the same (`blocks/N/attention/q|k|v|o`, `blocks/N/mlp/up|down`), so path rules written for one
-(`mlp/down$`, `attention/(q|k|v)$`) select the same projections in the other; every projection is an
-`efficient.nn.Einsum` with logical axes (`embed`, `heads`, `head_dim`, `mlp`), which is what quantization,
-pruning and sharding transforms look for.
+(`.*mlp/down`, `.*attention/(q|k|v)`) select the same projections in the other; every projection is an
+`efficient.nn.Einsum` with logical axes (`embed`, `heads`, `head_dim`, `mlp`; embeddings `vocab`), which is what
+quantization, pruning and sharding transforms look for. The LayerNorms are `post_attention_norm` /
+`post_mlp_norm`: they follow their sublayer, so nothing that folds into "the norm before q/k/v" matches them.
 
-Attention is an `AttentionFn` (`efficient.attention.core`), non-causal: the padding mask travels as segment ids
-(real tokens 1, padding 0), so a query sees exactly the real tokens, and the flash kernels
-(`pallas_kernels.flash_attention` with causal=False) apply unchanged. One difference from Hugging Face's
-`BertModel`, which masks keys only: our padding queries see only padding keys. Real tokens get identical
-results; padding outputs differ (and are never pooled).
+Attention is the project's `efficient.attention.softmax.Attention` (q/k/v/o, here with biases, no RoPE) with a
+non-causal `MixerSpec`: its `AttentionFn` is `softmax_attention_fn(causal=False)`, the padding mask travelling as
+segment ids (real tokens 1, padding 0), so `pallas_kernels.flash_attention` (causal=False) runs when queries and
+keys are the same tokens, under the implementation policy (`BertConfig.attention_implementation`). One
+difference from Hugging Face's `BertModel`, which masks keys only: our padding queries see only padding keys.
+Real tokens get identical results; padding outputs differ (and are never pooled).
 """
 from __future__ import annotations
 

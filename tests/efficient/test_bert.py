@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -185,6 +187,13 @@ def test_tiny_flash_equals_reference_and_bf16_runs(tmp_path):
   assert error.max() < 0.15 and error.mean() < 0.03, (error.max(), error.mean())
 
 
+def test_bert_does_not_import_llama():
+  code = "import sys, efficient.models.bert; print('efficient.models.llama' in sys.modules)"
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          cwd=pathlib.Path(__file__).resolve().parents[2])
+  assert result.stdout.strip() == "False"
+
+
 def test_bad_inputs_are_named():
   model = tiny()
   with pytest.raises(ValueError, match="ids must be an integer array"):
@@ -244,6 +253,15 @@ def test_tiny_folder_round_trip_and_bad_checkpoints(tmp_path):
   tensors = hf.to_hf_tensors(model)
   assert tensors["encoder.layer.1.attention.self.query.weight"].shape == (32, 32)  # torch [out, in]
   assert tensors["encoder.layer.0.intermediate.dense.weight"].shape == (64, 32)
+  # A task-head checkpoint (names under `bert.`, an extra head) split over two files loads the same encoder.
+  sharded = hf.save_folder(model, tmp_path / "sharded")
+  (sharded / "model.safetensors").unlink()
+  names = sorted(tensors)
+  save_file({f"bert.{n}": tensors[n] for n in names[:10]}, str(sharded / "model-00001-of-00002.safetensors"))
+  save_file({**{f"bert.{n}": tensors[n] for n in names[10:]}, "cls.predictions.bias": np.zeros(128, np.float32)},
+            str(sharded / "model-00002-of-00002.safetensors"))
+  np.testing.assert_array_equal(np.asarray(forward(models.load(sharded).model, ids, mask)),
+                                np.asarray(forward(model, ids, mask)))
   for name, change in (("encoder.layer.1.output.dense.bias", "missing"),
                        ("encoder.layer.0.attention.self.key.weight", "misshaped"),
                        ("encoder.layer.0.intermediate.dense.weight", "transposed")):
