@@ -29,7 +29,7 @@ from typing import Iterable, Sequence
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient import calibration
+from efficient import calibration, nn
 from efficient.quant import calibrate, formats, layers
 from efficient.quant.qarray import quantize
 
@@ -164,6 +164,14 @@ def smooth_model(model: nnx.Module, alphas: dict[str, float], calibration_data: 
     if norm is None:
       raise ValueError(f"smoothquant_alpha is set for {path!r}, which no RMSNorm feeds (SmoothQuant folds into "
                        f"q/k/v after attention_norm and gate/up after mlp_norm).")
+    try:
+      norm_module = calibration.get_module(model, norm)
+    except (AttributeError, IndexError, KeyError):
+      norm_module = None
+    if not isinstance(norm_module, nn.RMSNorm):
+      raise ValueError(f"smoothquant_alpha is set for {path!r}, but {norm!r} is "
+                       f"{type(norm_module).__name__ if norm_module is not None else 'missing'}, not the "
+                       f"efficient.nn.RMSNorm SmoothQuant folds into (pre-norm models only).")
     groups.setdefault(norm, [])
   every = calibration.einsum_modules(model)
   for path in every:

@@ -240,6 +240,16 @@ def test_calibration_capture_and_int4_gptq_on_bert():
   assert cosine.min() > 0.9
 
 
+def test_smoothquant_refuses_a_post_norm_encoder():
+  """SmoothQuant folds into a pre-norm RMSNorm; BERT's LayerNorms sit after their sublayer, so the rule that asks
+  for it is refused with the norm named (rather than folding into the wrong norm)."""
+  model = tiny()
+  batches = [{"tokens": jnp.ones((1, 8), jnp.int32)}]
+  rules = [(r"blocks/0/attention/q", quant.QuantConfig(fmt="int8", mode="w8a8", smoothquant_alpha=0.5))]
+  with pytest.raises(ValueError, match=r"'blocks/0/attention_norm' is missing, not the efficient.nn.RMSNorm"):
+    quant.quantize_model(model, rules, calibration_data=batches)
+
+
 def test_tiny_folder_round_trip_and_bad_checkpoints(tmp_path):
   model = tiny(seed=3)
   folder = hf.save_folder(model, tmp_path / "tiny_bert")
