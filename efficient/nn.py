@@ -3,7 +3,10 @@ finds by type and path. Nothing here knows a model config: dims, dtypes and init
 
 - `logical_param(value, names)`: an `nnx.Param` tagged with logical axis names (`efficient.sharding`).
 - `Einsum(equation, shape, names, ...)`: `einsum(equation, x, kernel) [+ bias]`, the projection of our models.
-- `RMSNorm`, `LayerNorm`, `Embed`.
+- `RMSNorm`, `LayerNorm`, `Embed` (`embed.lookup(ids, name=...)`).
+- `check_ids(ids, num, name=...)` / `take_rows(table, ids, name=...)`: the one guard of every embedding lookup.
+  Concrete ids outside [0, num) are a ValueError naming the argument, the bad value and the range; traced ids
+  (under `jit`) that are out of range get a NaN row -- never another row, as `jnp.take` would give for -1.
 - `LinearView` / `linear_view(module)`: one description (equation, kernel, bias, logical axes) of any linear
   contraction -- this project's `Einsum` and flax's own `nnx.Linear` / `nnx.Einsum` -- so transforms work on a
   user's NNX model unchanged. `is_linear(module)` tells whether a module is one.
@@ -15,6 +18,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels.rms_norm import rms_norm as rms_norm_op
@@ -111,8 +115,50 @@ class LayerNorm(nnx.Module):
     return (y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(x.dtype)
 
 
+def check_ids(ids, num: int, *, name: str = "ids", bound: str | None = None) -> None:
+  """ValueError when concrete integer `ids` hold a value outside [0, num), naming `name`, the first bad value and
+  where it is, and the valid range (`bound` names `num`, e.g. 'vocab_size'). Traced ids (under `jit`, `vmap`,
+  `grad`) and arrays not fully addressable from this process are not checked here: `take_rows` makes their
+  out-of-range rows NaN instead."""
+  if isinstance(ids, jax.core.Tracer) or not getattr(ids, "is_fully_addressable", True):
+    return
+  values = np.asarray(ids)
+  if not np.issubdtype(values.dtype, np.integer):
+    raise ValueError(f"{name} must be integer ids, got dtype {values.dtype}.")
+  bad = (values < 0) | (values >= num)
+  if not bad.any():
+    return
+  where = tuple(int(i) for i in np.argwhere(bad)[0])
+  limit = f"{bound}={num}" if bound else f"{num}"
+  raise ValueError(f"{name}: value {int(values[where])} at index {where} is out of range; valid values are "
+                   f"[0, {limit}) ({int(bad.sum())} of {values.size} out of range, min {int(values.min())}, "
+                   f"max {int(values.max())}).")
+
+
+def take_rows(table, ids, *, name: str = "ids", bound: str | None = None):
+  """`table[ids]` along axis 0 for a float `table` [num, ...], never letting an out-of-range id pass as another
+  row: concrete ids are checked by `check_ids` (ValueError); traced ids outside [0, num) -- negative ones
+  included, which `jnp.take` would wrap to the last rows -- read a row of NaN, deterministically."""
+  num = table.shape[0]
+  check_ids(ids, num, name=name, bound=bound)
+  if not jnp.issubdtype(table.dtype, jnp.inexact):
+    raise TypeError(f"take_rows: the table must be floating point to mark out-of-range {name} with NaN, got "
+                    f"{table.dtype}.")
+  ids = jnp.asarray(ids)
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError(f"{name} must be integer ids, got dtype {ids.dtype}.")
+  valid = (ids >= 0) & (ids < num)
+  # Every invalid id becomes `num`, out of bounds on the high side, where mode="fill" catches it.
+  ids = jnp.where(valid, jnp.where(valid, ids, 0).astype(jnp.int32), num)
+  return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+
 class Embed(nnx.Module):
-  """A table [num, dim]: `embed(ids)` looks rows up; `embed.attend(x)` is the tied output head x @ table.T."""
+  """A table [num, dim]: `embed(ids)` looks rows up; `embed.attend(x)` is the tied output head x @ table.T.
+
+  Lookups go through `take_rows`: concrete ids outside [0, num) raise a ValueError naming the argument
+  (`embed.lookup(ids, name='token_type_ids')`); under `jit` an out-of-range id reads a row of NaN.
+  """
 
   def __init__(self, num: int, dim: int, *, rngs: nnx.Rngs, param_dtype: Any = jnp.float32,
                compute_dtype: Any = jnp.float32, names: tuple[str, ...] = ("vocab", "embed"),
@@ -121,7 +167,12 @@ class Embed(nnx.Module):
     self.embedding = logical_param((init or normal_init())(rngs.params(), (num, dim), param_dtype), names)
 
   def __call__(self, ids):
-    return jnp.take(self.embedding[...], ids, axis=0).astype(self.compute_dtype)
+    return self.lookup(ids)
+
+  def lookup(self, ids, *, name: str = "ids", bound: str | None = None):
+    """The rows of `ids`, in `compute_dtype`; `name` / `bound` label the argument and the table size in the
+    error of an out-of-range id (see `take_rows`)."""
+    return take_rows(self.embedding[...], ids, name=name, bound=bound).astype(self.compute_dtype)
 
   def attend(self, x):
     return jnp.einsum("...d,vd->...v", x, self.embedding[...].astype(self.compute_dtype),

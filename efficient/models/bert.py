@@ -124,7 +124,12 @@ class Embeddings(nnx.Module):
     self.norm = _layer_norm(c)
 
   def __call__(self, ids, positions, token_type_ids):
-    return self.norm(self.word(ids) + self.position(positions) + self.token_type(token_type_ids))
+    # Guarded lookups (`efficient.nn.take_rows`): a concrete out-of-range id is a ValueError naming its argument,
+    # a traced one reads a row of NaN, never another row.
+    word = self.word.lookup(ids, name="ids", bound="vocab_size")
+    position = self.position.lookup(positions, name="positions", bound="max_positions")
+    token_type = self.token_type.lookup(token_type_ids, name="token_type_ids", bound="type_vocab_size")
+    return self.norm(word + position + token_type)
 
 
 class MLP(nnx.Module):
@@ -164,6 +169,13 @@ class Bert(nnx.Module):
   Keyword-only extras: `token_type_ids` (default 0), `positions` (default 0..T-1) and `segment_ids` (packed
   sequences: tokens attend within their segment; mutually exclusive with `attention_mask`, which is the
   one-segment case), so calibration passes that call `model(tokens, segment_ids=...)` work unchanged.
+
+  `ids` must lie in [0, vocab_size), `token_type_ids` in [0, type_vocab_size), `positions` in
+  [0, max_positions). Concrete (non-traced) values outside are a ValueError naming the argument, the bad value
+  and the range. Under `jit` (traced inputs) an out-of-range value -- negative ones included -- embeds its token
+  as NaN; attention being bidirectional, the NaN reaches every token of its segment (and, where the attention
+  kernel multiplies masked zeros by the NaN values, as the XLA and reference paths do, the rest of its row),
+  never another batch row; no out-of-range value ever reads another row's embedding.
   """
 
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, attention_fn: AttentionFn | None = None):

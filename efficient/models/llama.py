@@ -157,7 +157,15 @@ class Block(nnx.Module):
 
 
 class Llama(nnx.Module):
-  """`model(tokens[B,T] int32) -> logits[B,T,V] f32`; with `cache=` it returns `(logits, new_cache)`."""
+  """`model(tokens[B,T] int32) -> logits[B,T,V] f32`; with `cache=` it returns `(logits, new_cache)`.
+
+  Token ids must lie in [0, vocab_size) and `positions` in [0, EMPTY_POSITION). Concrete (non-traced) inputs
+  outside that are a ValueError naming the argument, the bad value and the range. Under `jit` (traced inputs)
+  they cannot be checked: an out-of-range token id -- negative ones included -- embeds as a row of NaN, so the
+  logits of that token and of every later position of its row are NaN (earlier positions of the row too where
+  the attention kernel multiplies masked zeros by the NaN values, as the XLA and reference paths do); it never
+  reads another token's embedding, and other batch rows are unaffected. Traced positions are used as given.
+  """
 
   def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs, attention_fn: AttentionFn | None = None):
     self.config = config
@@ -175,6 +183,8 @@ class Llama(nnx.Module):
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
       raise ValueError(f"tokens must be an integer array [batch, length], got {tokens.dtype}{tokens.shape}.")
+    if positions is not None:
+      nn.check_ids(positions, EMPTY_POSITION, name="positions", bound="EMPTY_POSITION")
     batch, length = tokens.shape
     # Slots [0, index + length) are exactly what each row sees when positions count up from the cache index and
     # nothing is packed: the cache may then decode through flash_decode.
@@ -185,7 +195,9 @@ class Llama(nnx.Module):
     if segment_ids is not None and segment_ids.shape != tokens.shape:
       raise ValueError(f"segment_ids must have the shape of tokens {tokens.shape}, got {segment_ids.shape}.")
     dtype = self.config.compute_dtype
-    x = jnp.take(self.embedding[...], tokens, axis=0).astype(dtype)
+    # The raw `embedding` parameter (its path is what loaders and rules name), looked up by the layer floor's
+    # guarded gather: an out-of-range id reads NaN, never another row.
+    x = nn.take_rows(self.embedding[...], tokens, name="tokens", bound="vocab_size").astype(dtype)
     kwargs = dict(positions=positions, segment_ids=segment_ids, attention_fn=self.attention_fn)
     new_layers = []
     if cache is not None:
@@ -276,11 +288,15 @@ def generate(model: Llama, prompt, max_new_tokens: int, *, temperature: float = 
   """Returns [B, max_new_tokens] continuation tokens of equal-length prompts [B, T] (KV-cache decoding).
 
   After `eos_id` a row keeps emitting `eos_id`. Sampling needs `rng` when temperature > 0. `kv_format` /
-  `kv_group_size`: a quantized KV cache (see `init_cache`).
+  `kv_group_size`: a quantized KV cache (see `init_cache`). Prompt ids outside [0, vocab_size) are a ValueError
+  (a traced prompt, e.g. `generate` called under `jit`, is not checked: see `Llama`'s NaN rule).
   """
+  if jnp.ndim(prompt) != 2 or jnp.shape(prompt)[1] < 1:
+    raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {jnp.shape(prompt)}.")
+  nn.check_ids(prompt, model.config.vocab_size, name="prompt", bound="vocab_size")  # before the int32 cast
   prompt = jnp.asarray(prompt, jnp.int32)
-  if prompt.ndim != 2 or prompt.shape[1] < 1:
-    raise ValueError(f"prompt must be [batch, length >= 1] token ids, got shape {prompt.shape}.")
+  if eos_id is not None and not 0 <= eos_id < model.config.vocab_size:
+    raise ValueError(f"eos_id must be in [0, vocab_size={model.config.vocab_size}), got {eos_id}.")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}.")
   if temperature < 0:
