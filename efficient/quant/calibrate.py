@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from efficient.quant import formats
-from efficient.quant.qarray import QArray, quantize
+from efficient.quant.qarray import QArray, check_finite, quantize
 from pallas_kernels import packing
 
 INT_FORMATS = {8: "int8", 4: "int4", 3: "int3", 2: "int2"}
@@ -41,22 +41,24 @@ def int_format(bits: int) -> formats.Format:
 
 
 def rtn_quantize(w, *, bits: int = 8, group_size: int | None = None, symmetric: bool = True,
-                 logical_axes: tuple | None = None) -> QArray:
-  """Round-to-nearest of w [in, out] along axis 0 (per output channel, or per group of `group_size` rows)."""
+                 logical_axes: tuple | None = None, name: str = "w") -> QArray:
+  """Round-to-nearest of w [in, out] along axis 0 (per output channel, or per group of `group_size` rows);
+  `name` (e.g. the module path) names w in errors (a non-finite w is a ValueError)."""
   return quantize(w, int_format(bits).name, axis=0, group_size=group_size, symmetric=symmetric,
-                  logical_axes=logical_axes)
+                  logical_axes=logical_axes, name=name)
 
 
-def _check_gptq_args(w, hessian, group_size, damp, block_size):
+def _check_gptq_args(w, hessian, group_size, damp, block_size, name):
   if w.ndim != 2 or 0 in w.shape or not jnp.issubdtype(w.dtype, jnp.floating):
     raise ValueError(f"w must be a non-empty float [in_features, out_features] matrix; got {w.dtype}{w.shape}.")
   k = w.shape[0]
   if hessian.shape != (k, k):
     raise ValueError(f"hessian must be [in_features, in_features] = {(k, k)}; got {tuple(hessian.shape)}.")
-  if not bool(jnp.all(jnp.isfinite(hessian))):
-    raise ValueError("hessian holds NaN/inf (non-finite calibration activations?).")
-  if not bool(jnp.all(jnp.isfinite(w))):
-    raise ValueError("w holds NaN/inf.")
+  check_finite(w, f"{name}: w")
+  try:
+    check_finite(hessian, f"{name}: hessian")
+  except ValueError as error:
+    raise ValueError(f"{error} (non-finite calibration activations?)") from None
   if group_size is not None:
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size <= 0 or k % group_size:
       raise ValueError(f"group_size={group_size!r} must be a positive int dividing in_features={k}.")
@@ -68,7 +70,7 @@ def _check_gptq_args(w, hessian, group_size, damp, block_size):
 
 def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, symmetric: bool = True,
                   act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                  logical_axes: tuple | None = None, mask=None) -> QArray:
+                  logical_axes: tuple | None = None, mask=None, name: str = "gptq") -> QArray:
   """GPTQ of w [in_features, out_features] (Flax layout) given hessian [in, in] (2XᵀX/n) -> QArray (axis 0).
 
   bits        8, 4, 3 or 2 (uniform int formats; sub-byte ones are stored packed)
@@ -80,6 +82,8 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   mask        optional bool [in, out]: entries outside it are quantized to exactly zero and their error is
               compensated like any other (SparseGPT's joint sparsify-and-quantize with a fixed mask); scales
               come from the kept entries only
+  name        what is quantized (e.g. the module path), for errors: a non-finite w or hessian is a ValueError
+              naming it (`qarray.check_finite`)
   """
   fmt = int_format(bits)
   w = jnp.asarray(w)
@@ -89,7 +93,7 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
     block_size = group_size  # a group never straddles blocks
   elif group_size is not None:
     block_size = group_size * max(1, block_size // group_size)
-  _check_gptq_args(w, hessian, group_size, damp, block_size)
+  _check_gptq_args(w, hessian, group_size, damp, block_size, name)
   if fmt.packed:
     packing.check_packable(k, fmt.bits, name="w.shape[0] (in_features)")
   g = group_size or k
@@ -101,8 +105,8 @@ def gptq_quantize(w, hessian, *, bits: int = 4, group_size: int | None = 128, sy
   mask = jnp.asarray(mask, bool)
   w32, perm, u = _prepare(jnp.where(mask, w, 0).astype(jnp.float32), hessian, float(damp), bool(act_order))
   if not bool(jnp.all(jnp.isfinite(u))):
-    raise ValueError("hessian is not positive definite even after damping; use more calibration tokens or a "
-                     "larger damp.")
+    raise ValueError(f"{name}: hessian is not positive definite even after damping; use more calibration tokens "
+                     f"or a larger damp.")
   static = act_order or group_size is None
   scale = zero = None
   if static:  # scales of the original contiguous groups, fixed before any update

@@ -28,6 +28,10 @@ For a 2-D [K, N] weight along axis 0 that is exactly what the kernels take (code
                            e = floor(log2(absmax)) - emax(element); elements are E4M3 (1 byte) or E2M1 (FP4,
                            4 bits: sign + 3-bit magnitude code, packed two per byte), saturating conversion.
 
+An all-zero (or tiny) group dequantizes to exactly (or nearly) zero in every format: int and fp8 scales and the
+NF4 divisor fall back to 1.0 where the absmax is 0, NF4 stores the true absmax 0, and MX multiplies by the normal
+2^-e rather than dividing by the subnormal 2^e of e = -127. Non-finite input is refused (`qarray.check_finite`).
+
 NF4 double quantization (QLoRA section 3): the f32 absmax constants c2 (one per 64 weights) minus their mean
 are quantized to 8 bits in blocks of 256 constants, each block with one f32 scale. A block is 256 consecutive
 constants along the *block axis*: the last axis that is not a contraction axis (the last axis if all are), i.e.
@@ -258,8 +262,10 @@ def quantize_nf4(x, group_size: int, double_quant: bool, axis: int = 0):
   """NF4 of x (f32) in blocks of `group_size` along `axis` -> (packed codes, absmax or its int8 codes,
   f32 block scales or None, f32 mean or None)."""
   absmax = reduce_tiles(jnp.abs(x), scale_shape(x.shape, axis, group_size, False), jnp.max)
-  absmax = jnp.where(absmax > 0, absmax, 1.0)
-  packed = packing.pack(nf4_codes(x / broadcast_tiles(absmax, x.shape)), 4, axis=axis)
+  # An all-zero block keeps absmax 0 (its codes are NF4's exact 0 level, so any reconstructed absmax gives 0):
+  # a placeholder 1.0 would widen the double-quantization block it falls in for its neighbours.
+  divisor = jnp.where(absmax > 0, absmax, 1.0)
+  packed = packing.pack(nf4_codes(x / broadcast_tiles(divisor, x.shape)), 4, axis=axis)
   if not double_quant:
     return packed, absmax, None, None
   return (packed, *double_quantize(absmax, block_axis(x.ndim, axis)))
@@ -304,7 +310,10 @@ def quantize_mx(x, fmt: Format, axis: int = 0):
   absmax = reduce_tiles(jnp.abs(x), scale_shape(x.shape, axis, MX_BLOCK, False), jnp.max)
   exponent = jnp.floor(jnp.log2(jnp.where(absmax > 0, absmax, 1.0))) - _MX_EMAX[fmt.bits]
   exponent = jnp.clip(jnp.where(absmax > 0, exponent, -127), -127, 127)
-  elements = x / broadcast_tiles(_pow2(exponent), x.shape)
+  # x * 2^-e, not x / 2^e: an all-zero or tiny block has e = -127, whose 2^e is subnormal (flushed to 0 on CPU
+  # and TPU, so x / 2^e would be 0 / 0 = NaN); 2^-e (<= 2^127, and >= 2^-125 since |x| < 2^128) is a normal
+  # float, so the product is exact and a zero block stays zero (its scale 2^-127 dequantizes it to 0 or ~0).
+  elements = x * broadcast_tiles(_pow2(-exponent), x.shape)
   scale = (exponent + 127).astype(jnp.uint8)  # E8M0: a biased exponent, no sign, no mantissa
   if fmt.bits == 8:
     fmax = float(jnp.finfo(fmt.element_dtype).max)

@@ -30,7 +30,9 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from jax.experimental import checkify
 
 from efficient.quant import formats
 from pallas_kernels import packing
@@ -124,9 +126,35 @@ def _check_axis(axis, ndim: int):
   return axes[0] if len(axes) == 1 else axes
 
 
+def check_finite(x, name: str = "x"):
+  """Returns `x` if every value is finite; else a ValueError naming `name`, how many values are NaN / Inf and
+  where the first one is. Quantizing a non-finite value stores a silently wrong number (a NaN is rounded to some
+  code and can reset its group's scale, an Inf makes its whole group's scale, and with NF4 double quantization
+  the whole tensor, non-finite), so every quantizer refuses it.
+
+  On a traced `x` (inside jit, scan, grad, ...) the values are unknown when this runs: it emits a
+  `jax.experimental.checkify.check` instead, so the function must be functionalized --
+  `err, out = checkify.checkify(jax.jit(f))(x); err.throw()` raises the same message as a `JaxRuntimeError`
+  (`err.get()` is the message or None). Staged without `checkify.checkify`, JAX refuses the trace (a ValueError:
+  "...a `check` without functionalizing it..."), so the check is never silently dropped. `quantize` itself
+  checks only concrete inputs (a traced `x`, e.g. a KV-cache write under jit, is quantized unchecked; call
+  `check_finite` on it under checkify where that matters)."""
+  if isinstance(x, jax.core.Tracer):
+    checkify.check(jnp.all(jnp.isfinite(x)), f"{name}: holds NaN or Inf values; refusing to quantize them.")
+    return x
+  x = jnp.asarray(x)
+  if bool(jnp.all(jnp.isfinite(x))):
+    return x
+  nans, infs = int(jnp.sum(jnp.isnan(x))), int(jnp.sum(jnp.isinf(x)))
+  first = tuple(int(i) for i in np.argwhere(~np.asarray(jnp.isfinite(x)))[0])
+  raise ValueError(f"{name}: {nans + infs} of {x.size} values are not finite ({nans} NaN, {infs} Inf; the "
+                   f"first at index {first}, shape {tuple(x.shape)}); refusing to quantize them (they would be "
+                   f"stored as silently wrong numbers). Fix or mask the tensor first.")
+
+
 def quantize(x, fmt, *, axis: int | tuple = 0, group_size: int | None = None, granularity: str | None = None,
              symmetric: bool = True, scale_dtype=None, double_quant: bool = True,
-             logical_axes: tuple | None = None) -> QArray:
+             logical_axes: tuple | None = None, name: str = "x") -> QArray:
   """Quantizes `x` (float, any rank) to `fmt` (a name in `formats.FORMATS`) with round-to-nearest.
 
   axis          the contraction axis (0 for a Flax [in, out] kernel), or a tuple of them: scales are shared
@@ -139,13 +167,17 @@ def quantize(x, fmt, *, axis: int | tuple = 0, group_size: int | None = None, gr
   scale_dtype   int formats: default bfloat16 per group, float32 per channel/tensor
   double_quant  NF4 only: double-quantize the absmax constants (QLoRA), default True
   logical_axes  names of x's axes (kept as metadata for sharding rules, see `QArray.array_logical_axes`)
+  name          what x is, for error messages (e.g. a module path): a concrete x holding NaN/Inf is a ValueError
+                naming it (`check_finite`; a traced x is not checked, see there)
   """
   fmt = formats.get(fmt)
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise ValueError(f"x: dtype {x.dtype} is not a float dtype; only float arrays can be quantized.")
+    raise ValueError(f"{name}: dtype {x.dtype} is not a float dtype; only float arrays can be quantized.")
   if x.ndim < 1 or 0 in x.shape:
-    raise ValueError(f"x must be a non-empty array; got shape {tuple(x.shape)}.")
+    raise ValueError(f"{name} must be a non-empty array; got shape {tuple(x.shape)}.")
+  if not isinstance(x, jax.core.Tracer):
+    check_finite(x, name)
   axis = _check_axis(axis, x.ndim)
   axes = formats.contraction_axes(axis, x.ndim)
   k = math.prod(x.shape[a] for a in axes)

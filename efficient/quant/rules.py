@@ -17,6 +17,10 @@ scale -- q/k/v after attention_norm, gate/up after mlp_norm (the Llama family's 
 that norm gets the same per-channel factor, quantized or not, so the float function is unchanged.
 `mode='llm_int8'` is LLM.int8().
 
+Non-finite weights are refused before anything is changed: every selected layer's kernel is checked first
+(`qarray.check_finite`), and a NaN/Inf is a ValueError naming the module path (e.g. 'blocks/0/mlp/up.kernel');
+a non-finite GPTQ Hessian is one naming the path too.
+
 GPTQ here is one-shot: every Hessian comes from the calibration inputs of the float (smoothed) model in one pass,
 not re-collected block by block behind already-quantized layers as the GPTQ paper's sequential variant does.
 """
@@ -31,7 +35,7 @@ from flax import nnx
 
 from efficient import calibration, nn
 from efficient.quant import calibrate, formats, layers
-from efficient.quant.qarray import quantize
+from efficient.quant.qarray import check_finite, quantize
 
 MODES = layers.MODES + ("llm_int8",)
 METHODS = ("rtn", "gptq")
@@ -108,6 +112,8 @@ def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[d
   which changes the inputs).
   """
   chosen = plan(model, rules)
+  for path in chosen:  # before any change: a NaN/Inf weight would be stored as a silently wrong number
+    check_finite(calibration.kernel_as_matrix(calibration.get_module(model, path)), f"{path}.kernel")
   smoothed = [p for p, c in chosen.items() if c.smoothquant_alpha is not None]
   gptq_paths = [p for p, c in chosen.items() if c.method == "gptq"]
   reuse = statistics is not None and not smoothed and all(p in statistics for p in gptq_paths)
@@ -124,12 +130,13 @@ def quantize_model(model: nnx.Module, rules: Rules, calibration_data: Iterable[d
     stats = calibration.capture_hessians(model, calibration_data, pattern=calibration.exact_pattern(gptq_paths))
   for path, config in chosen.items():
     module = calibration.get_module(model, path)
-    calibration.set_module(model, path, quantize_module(module, config, stats.get(path)))
+    calibration.set_module(model, path, quantize_module(module, config, stats.get(path), path=path))
   return model
 
 
-def quantize_module(module, config: QuantConfig, stats: dict | None = None) -> nnx.Module:
-  """The quantized replacement of one linear layer under `config` (`stats` from capture_hessians for GPTQ)."""
+def quantize_module(module, config: QuantConfig, stats: dict | None = None, *, path: str = "module") -> nnx.Module:
+  """The quantized replacement of one linear layer under `config` (`stats` from capture_hessians for GPTQ);
+  `path` names the layer in errors (a non-finite kernel or Hessian is a ValueError)."""
   matrix = calibration.kernel_as_matrix(module)
   names = calibration.matrix_axis_names(module)
   if config.method == "gptq":
@@ -137,10 +144,10 @@ def quantize_module(module, config: QuantConfig, stats: dict | None = None) -> n
       raise ValueError("stats (the module's captured Hessian) is required for method='gptq'.")
     q = calibrate.gptq_quantize(matrix, stats["hessian"], bits=formats.get(config.fmt).bits,
                                 group_size=config.group_size, symmetric=config.symmetric,
-                                act_order=config.act_order, damp=config.damp, logical_axes=names)
+                                act_order=config.act_order, damp=config.damp, logical_axes=names, name=path)
   else:
     q = quantize(matrix, config.fmt, axis=0, group_size=config.group_size, symmetric=config.symmetric,
-                 double_quant=config.double_quant, logical_axes=names)
+                 double_quant=config.double_quant, logical_axes=names, name=f"{path}.kernel")
   if config.mode == "llm_int8":
     return layers.LLMInt8Einsum(module, q, threshold=config.outlier_threshold,
                                 implementation=config.implementation)
