@@ -7,17 +7,24 @@ them like their params. A run directory holds:
 
   WORKDIR/metrics.jsonl       one line per logged step: step, loss, lr, grad_norm, tokens_per_sec
   WORKDIR/checkpoints/<step>/ params, optimizer state (orbax) + meta JSON: step, data iterator state, model
-                              config, parameter shapes, train config
+                              config, parameter shapes, train config; + integrity.json (`efficient.checkpointing`)
+  WORKDIR/.lock               held while a process trains in WORKDIR (a second one is refused, naming the pid)
 
-`train(...)` resumes from the latest checkpoint in WORKDIR and refuses (ValueError naming the directory) one
-written for a different model.
+`train(...)` resumes from the newest checkpoint in WORKDIR that verifies (skipping corrupt ones with a warning),
+refuses (ValueError naming the directory) one written for a different model, and one written under other
+training hyperparameters (`RESUME_FIXED_FIELDS`) unless `allow_config_change=True`. A non-finite loss, gradient
+norm or update is never applied: the run stops naming the step (or, with `skip_nonfinite_steps`, skips the
+update and counts it); a failed checkpoint save stops the run at once.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
+import math
+import numbers
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -25,19 +32,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from efficient import sharding
+from efficient.checkpointing import CHECKPOINT_DIR, METRICS_FILE, Checkpoints, WorkdirLock, signature_differences
+from efficient.checkpointing import truncate_metrics
 from efficient.data.packing import BatchIterator, BatchSource
 
 # Fields of a model config that change how a model runs, not what its parameters mean: a checkpoint may resume
 # under another value (e.g. a TPU kernel on a TPU, the XLA path on a CPU).
 EXECUTION_ONLY_CONFIG_FIELDS = ("norm_implementation",)
-METRICS_FILE = "metrics.jsonl"
-CHECKPOINT_DIR = "checkpoints"
+# TrainConfig fields a resumed run must share with its checkpoint (others -- total_steps extends a run, the
+# checkpoint and log cadence, skip_nonfinite_steps -- may change freely).
+RESUME_FIXED_FIELDS = ("learning_rate", "warmup_steps", "final_learning_rate_fraction", "weight_decay", "b1", "b2",
+                       "eps", "grad_clip_norm", "batch_size", "seq_len")
+_INT_FIELDS = ("warmup_steps", "total_steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
+               "log_every")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +68,20 @@ class TrainConfig:
   checkpoint_every: int = 500
   keep_checkpoints: int = 3
   log_every: int = 10
+  skip_nonfinite_steps: bool = False  # True: skip (and count) a non-finite update instead of stopping the run
 
   def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if field.name == "skip_nonfinite_steps":
+        if not isinstance(value, bool):
+          raise ValueError(f"TrainConfig.skip_nonfinite_steps must be a bool, got {value!r}.")
+      elif field.name in _INT_FIELDS:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+          raise ValueError(f"TrainConfig.{field.name} must be an integer, got {value!r}.")
+      elif not (value is None and field.name == "grad_clip_norm"):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+          raise ValueError(f"TrainConfig.{field.name} must be a finite number, got {value!r}.")
     for name in ("total_steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints", "log_every"):
       if getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}.")
@@ -69,8 +93,9 @@ class TrainConfig:
     if not 0 <= self.final_learning_rate_fraction <= 1:
       raise ValueError(f"TrainConfig.final_learning_rate_fraction must be in [0, 1], "
                        f"got {self.final_learning_rate_fraction}.")
-    if self.weight_decay < 0:
-      raise ValueError(f"TrainConfig.weight_decay must be >= 0, got {self.weight_decay}.")
+    for name in ("weight_decay", "eps"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
     for name in ("b1", "b2"):
       if not 0 <= getattr(self, name) < 1:
         raise ValueError(f"TrainConfig.{name} must be in [0, 1), got {getattr(self, name)}.")
@@ -157,11 +182,16 @@ _STEP_CACHE: dict[tuple, Callable] = {}
 
 
 def make_train_step(state: TrainState) -> Callable:
-  """jit(params, opt_state, rest, batch, step) -> (params, opt_state, {'loss', 'grad_norm', 'lr', 'tokens'}).
+  """jit(params, opt_state, rest, batch, step) -> (params, opt_state, metrics).
 
+  metrics: 'loss', 'grad_norm', 'lr', 'tokens' and 'finite' (loss, gradient norm and update norm all finite).
+  A non-finite step returns the params and optimizer state it was given: a bad update is never applied.
   params and optimizer state are donated: the caller must use the returned ones.
   """
-  key = (state.graphdef, state.config, state.mesh, state.rules)
+  # Fields the step does not read (cadence, the non-finite policy) stay out of the key.
+  step_config = dataclasses.replace(state.config, checkpoint_every=1, keep_checkpoints=1, log_every=1,
+                                    skip_nonfinite_steps=False)
+  key = (state.graphdef, step_config, state.mesh, state.rules)
   if key in _STEP_CACHE:
     return _STEP_CACHE[key]
   graphdef, optimizer, schedule = state.graphdef, make_optimizer(state.config), learning_rate_schedule(state.config)
@@ -171,9 +201,13 @@ def make_train_step(state: TrainState) -> Callable:
 
   def step_fn(params, opt_state, rest, batch, step):
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), "lr": schedule(step), "tokens": tokens}
+    grad_norm = optax.tree.norm(grads)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
+    keep = lambda new, old: jnp.where(finite, new, old)
+    params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
+    opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), "tokens": tokens, "finite": finite}
     return params, opt_state, metrics
 
   out_shardings = None
@@ -231,104 +265,138 @@ def model_signature(model: nnx.Module) -> dict:
   return json.loads(json.dumps({"model_config": config_dict, "param_shapes": shapes}, default=str))
 
 
-def _signature_differences(saved: dict, current: dict) -> list[str]:
-  differences = []
-  for section in ("model_config", "param_shapes"):
-    old, new = saved.get(section, {}), current[section]
-    for key in sorted(set(old) | set(new)):
-      if old.get(key) != new.get(key):
-        differences.append(f"{section}.{key}: checkpoint {old.get(key)!r} vs model {new.get(key)!r}")
-  return differences
+def _config_differences(saved: dict, config: TrainConfig) -> dict[str, list]:
+  current = config.to_dict()
+  return {name: [saved.get(name), current[name]] for name in RESUME_FIXED_FIELDS
+          if saved.get(name) != current[name]}
 
 
-def checkpoint_manager(workdir: str | Path, config: TrainConfig) -> ocp.CheckpointManager:
-  directory = Path(workdir).absolute() / CHECKPOINT_DIR
-  options = ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, create=True)
-  return ocp.CheckpointManager(directory, options=options)
+class _FiniteGuard:
+  """Checks each step's 'finite' flag: stops the run naming the step, or counts the skipped update."""
 
+  def __init__(self, config: TrainConfig, checkpoints: Checkpoints, skipped: int = 0):
+    self.config, self.checkpoints, self.skipped = config, checkpoints, skipped
 
-def save_checkpoint(manager: ocp.CheckpointManager, state: TrainState, iterator: BatchIterator, meta: dict):
-  tree = {"params": state.params, "opt_state": state.opt_state}
-  meta = dict(meta, step=state.step, data_state=iterator.state)
-  manager.save(state.step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree),
-                                                   meta=ocp.args.JsonSave(meta)), force=True)
-
-
-def restore_checkpoint(manager: ocp.CheckpointManager, state: TrainState, signature: dict) -> dict | None:
-  """Loads the latest checkpoint into `state` (onto its shardings); returns its meta, or None when none exist."""
-  step = manager.latest_step()
-  if step is None:
-    return None
-  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-  differences = _signature_differences(meta, signature)
-  if differences:
-    raise ValueError(f"checkpoint directory {manager.directory} holds step {step} of a different model; use "
-                     f"another workdir or the same model config. Differences: " + "; ".join(differences))
-  target = {"params": state.params, "opt_state": state.opt_state}
-  abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), target)
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))["state"]
-  state.params, state.opt_state, state.step = restored["params"], restored["opt_state"], int(meta["step"])
-  return meta
-
-
-def _truncate_metrics(path: Path, after_step: int) -> None:
-  """Drops log lines past the resumed step (they were written after the last checkpoint)."""
-  if path.exists():
-    lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= after_step]
-    path.write_text("".join(line + "\n" for line in lines))
+  def check(self, step: int, metrics: dict) -> None:
+    if bool(metrics["finite"]):
+      return
+    values = f"loss={float(metrics['loss'])}, grad_norm={float(metrics['grad_norm'])}"
+    if self.config.skip_nonfinite_steps:
+      self.skipped += 1
+      warnings.warn(f"step {step}: non-finite update ({values}) skipped; {self.skipped} skipped so far.",
+                    RuntimeWarning, stacklevel=2)
+      return
+    kept = self.checkpoints.pending if self.checkpoints.pending is not None else self.checkpoints.last_good
+    kept = f"the newest checkpoint, step {kept}, is kept" if kept is not None else "no checkpoint was written"
+    raise FloatingPointError(
+        f"step {step}: non-finite loss, gradient norm or update ({values}); training stopped without saving "
+        f"this state ({kept} in {self.checkpoints.directory}). Lower the learning rate, or set "
+        f"TrainConfig.skip_nonfinite_steps=True to skip such updates.")
 
 
 # --- the loop -------------------------------------------------------------------------------------------------
 
 def train(model: nnx.Module, data: BatchSource, config: TrainConfig, workdir: str | Path, *,
           mesh: Mesh | None = None, rules: str | sharding.Rules = "dp", until_step: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, allow_config_change: bool = False) -> dict[str, Any]:
   """Trains `model` in place on `data.batch(step)` up to `until_step` (default `config.total_steps`).
 
-  Resumes from the latest checkpoint under `workdir` (params, optimizer state, step, data iterator state);
+  Resumes from the newest good checkpoint under `workdir` (params, optimizer state, step, data iterator state);
   saves every `checkpoint_every` steps and at the end; appends to `workdir/metrics.jsonl` every `log_every`
-  steps. Returns {'step', 'history'} where history holds this call's logged metric dicts.
+  steps. A checkpoint trained under other `RESUME_FIXED_FIELDS` is refused unless `allow_config_change` (the
+  change is then logged to metrics.jsonl as {'step', 'event': 'config_change', 'changes'}). Returns {'step',
+  'history'} where history holds this call's logged metric dicts.
   """
   until_step = config.total_steps if until_step is None else until_step
   if not 0 <= until_step <= config.total_steps:
     raise ValueError(f"until_step must be in [0, total_steps={config.total_steps}], got {until_step}.")
   workdir = Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  with WorkdirLock(workdir):
+    return _train_locked(model, data, config, workdir, mesh, rules, until_step, progress, allow_config_change)
+
+
+def _train_locked(model, data, config, workdir, mesh, rules, until_step, progress, allow_config_change):
   state = init_train_state(model, config, mesh=mesh, rules=rules)
   signature = model_signature(model)
   iterator = BatchIterator(data)
   metrics_path = workdir / METRICS_FILE
   history: list[dict] = []
-  with checkpoint_manager(workdir, config) as manager:
-    meta = restore_checkpoint(manager, state, signature)
-    if meta is not None:
+  checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
+
+  def check_model(step, meta):
+    differences = signature_differences(meta, signature)
+    if differences:
+      raise ValueError(f"checkpoint directory {checkpoints.directory} holds step {step} of a different model; "
+                       f"use another workdir or the same model config. Differences: " + "; ".join(differences))
+
+  try:
+    restored = checkpoints.restore({"params": state.params, "opt_state": state.opt_state}, check_model)
+    changes, skipped = {}, 0
+    if restored is not None:
+      tree, meta, _ = restored
+      changes = _config_differences(meta.get("train_config", {}), config)
+      if changes and not allow_config_change:
+        raise ValueError(f"checkpoint step {meta['step']} in {checkpoints.directory} was trained under another "
+                         f"TrainConfig: " + "; ".join(f"{k}: checkpoint {a!r} vs now {b!r}"
+                                                     for k, (a, b) in changes.items())
+                         + ". Use the same values, another workdir, or allow_config_change=True.")
       iterator.restore(meta["data_state"])
-    _truncate_metrics(metrics_path, state.step)  # a fresh start (step 0) clears a crashed run's log
-    step_fn = make_train_step(state)
-    meta = dict(signature, train_config=config.to_dict())
-    bar = tqdm(total=until_step, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
-    last_time, last_step = time.perf_counter(), state.step
-    while state.step < until_step:
-      if iterator.step != state.step:
-        raise ValueError(f"data iterator at step {iterator.step} but the model at step {state.step}.")
-      batch = next(iterator)
-      if batch["tokens"].shape != (config.batch_size, config.seq_len):
-        raise ValueError(f"data gives batches of shape {batch['tokens'].shape} but TrainConfig says "
-                         f"(batch_size, seq_len) = {(config.batch_size, config.seq_len)}.")
-      metrics = apply_train_step(state, step_fn, batch)
-      bar.update(1)
-      if state.step % config.log_every == 0 or state.step == until_step:
-        now = time.perf_counter()  # the first interval includes compilation
-        record = {"step": state.step, **{k: float(metrics[k]) for k in ("loss", "lr", "grad_norm")},
-                  "tokens_per_sec": (state.step - last_step) * batch["tokens"].size / (now - last_time)}
-        last_time, last_step = now, state.step
-        history.append(record)
-        with metrics_path.open("a") as f:
-          f.write(json.dumps(record) + "\n")
-        bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
-      if state.step % config.checkpoint_every == 0 or state.step == until_step:
-        save_checkpoint(manager, state, iterator, meta)
-    bar.close()
-    manager.wait_until_finished()
+      state.params, state.opt_state, state.step = tree["params"], tree["opt_state"], int(meta["step"])
+      skipped = int(meta.get("skipped_nonfinite_steps", 0))
+    truncate_metrics(metrics_path, state.step)  # a fresh start (step 0) clears a crashed run's log
+    if changes:
+      with metrics_path.open("a") as f:
+        f.write(json.dumps({"step": state.step, "event": "config_change", "changes": changes}) + "\n")
+    guard = _FiniteGuard(config, checkpoints, skipped)
+    _loop(state, iterator, config, until_step, progress, checkpoints, guard, metrics_path, history,
+          dict(signature, train_config=config.to_dict()))
+  except BaseException:
+    checkpoints.close(after_error=True)
+    raise
+  checkpoints.close()
   nnx.update(model, state.params, state.rest)
   return {"step": state.step, "history": history}
+
+
+def _loop(state, iterator, config, until_step, progress, checkpoints, guard, metrics_path, history, meta):
+  step_fn = make_train_step(state)
+  bar = tqdm(total=until_step, initial=state.step, desc="train", disable=not progress, dynamic_ncols=True)
+  last_time, last_step = time.perf_counter(), state.step
+  unchecked = None  # (step, metrics) of the newest step, checked one step late so the device keeps busy
+  while state.step < until_step:
+    if iterator.step != state.step:
+      raise ValueError(f"data iterator at step {iterator.step} but the model at step {state.step}.")
+    batch = next(iterator)
+    if batch["tokens"].shape != (config.batch_size, config.seq_len):
+      raise ValueError(f"data gives batches of shape {batch['tokens'].shape} but TrainConfig says "
+                       f"(batch_size, seq_len) = {(config.batch_size, config.seq_len)}.")
+    metrics = apply_train_step(state, step_fn, batch)
+    if unchecked is not None:
+      guard.check(*unchecked)
+    unchecked = (state.step, metrics)
+    checkpoints.poll()
+    bar.update(1)
+    if state.step % config.log_every == 0 or state.step == until_step:
+      guard.check(*unchecked)
+      unchecked = None
+      now = time.perf_counter()  # the first interval includes compilation
+      record = {"step": state.step, **{k: float(metrics[k]) for k in ("loss", "lr", "grad_norm")},
+                "tokens_per_sec": (state.step - last_step) * batch["tokens"].size / (now - last_time)}
+      if config.skip_nonfinite_steps:
+        record["skipped_steps"] = guard.skipped
+      last_time, last_step = now, state.step
+      history.append(record)
+      with metrics_path.open("a") as f:
+        f.write(json.dumps(record) + "\n")
+      bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}")
+    if state.step % config.checkpoint_every == 0 or state.step == until_step:
+      if unchecked is not None:
+        guard.check(*unchecked)
+        unchecked = None
+      tree = {"params": state.params, "opt_state": state.opt_state}
+      checkpoints.save(state.step, tree, dict(meta, step=state.step, data_state=iterator.state,
+                                              skipped_nonfinite_steps=guard.skipped))
+  if unchecked is not None:
+    guard.check(*unchecked)
+  bar.close()

@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import importlib.metadata
 import json
+import math
 import os
 import platform
 import statistics
@@ -122,6 +123,15 @@ def config_list(config, name: str, cast: Callable[[str], Any] = str) -> list:
   if not values:
     raise ValueError(f"--config.{name} is empty; expected a comma-separated list of {cast.__name__}.")
   return values
+
+
+def check_finite_config(config, prefix: str = "") -> None:
+  """Raises a ValueError naming `--config.<name>` for any NaN or infinite float in `config` (nested too)."""
+  for name, value in config.items():
+    if hasattr(value, "items"):
+      check_finite_config(value, f"{prefix}{name}.")
+    elif isinstance(value, float) and not math.isfinite(value):
+      raise ValueError(f"--config.{prefix}{name}={value} is not a finite number.")
 
 
 def save_figure(fig, workdir: str, filename: str, *, dpi: int = 120) -> str:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
+import traceback
 
 import jax
 import ml_collections
@@ -20,7 +22,7 @@ from absl import app, flags
 from flax import nnx
 from ml_collections import config_flags
 
-from efficient import data, measure, sharding, train
+from efficient import checkpointing, data, measure, sharding, train
 from efficient.models import llama
 from experiments import common
 
@@ -41,6 +43,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batches = 4
   config.seed = 0
   config.sharding = "dp"        # rule preset used when --mesh is given
+  config.skip_nonfinite_steps = False  # True: skip (and count) a non-finite update instead of stopping
+  config.allow_config_change = False   # True: resume under other hyperparameters (logged to metrics.jsonl)
   return config
 
 
@@ -77,24 +81,27 @@ def plot_loss(path: str, history: list[dict], eval_loss: float) -> None:
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, mesh_spec: str = "") -> dict:
+  common.check_finite_config(config)
   workdir = common.prepare_workdir(workdir)
   architecture = model_config(config)
   mesh = sharding.make_mesh(mesh_spec) if mesh_spec else None
   train_config = train.TrainConfig(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps,
-      batch_size=config.batch_size, seq_len=config.seq_len, checkpoint_every=config.checkpoint_every)
+      batch_size=config.batch_size, seq_len=config.seq_len, checkpoint_every=config.checkpoint_every,
+      skip_nonfinite_steps=config.skip_nonfinite_steps)
   model = llama.Llama(architecture, rngs=nnx.Rngs(config.seed))
   dataset = data.stdlib_dataset("train", batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
   print(f"training {config.model} ({measure.parameter_count(model):,} parameters) for {config.steps} steps "
         f"on {mesh_spec or 'one device'}", flush=True)
   started = time.perf_counter()
-  outcome = train.train(model, dataset, train_config, workdir, mesh=mesh, rules=config.sharding)
+  outcome = train.train(model, dataset, train_config, workdir, mesh=mesh, rules=config.sharding,
+                        allow_config_change=config.allow_config_change)
   wall = time.perf_counter() - started
   validation = data.stdlib_dataset("validation", batch_size=config.batch_size, seq_len=config.seq_len,
                                    shuffle=False)
   evaluation = train.evaluate(model, (validation.batch(s) for s in range(config.eval_batches)))
   with open(os.path.join(workdir, train.METRICS_FILE)) as f:
-    history = [json.loads(line) for line in f]
+    history = [record for record in map(json.loads, f) if "loss" in record]  # not the config_change events
   plot_path = os.path.join(workdir, "loss.png")
   plot_loss(plot_path, history, evaluation["loss"])
   first_loss, last_loss = history[0]["loss"], history[-1]["loss"]
@@ -126,7 +133,14 @@ def main(argv):
     # On a CPU host, give XLA as many (fake) CPU devices as the mesh needs; this only affects the CPU backend
     # and must happen before jax initializes it.
     jax.config.update("jax_num_cpu_devices", int(np.prod(list(sharding.parse_mesh(_MESH.value).values()))))
-  run(_CONFIG.value, _WORKDIR.value, _MESH.value)
+  try:
+    run(_CONFIG.value, _WORKDIR.value, _MESH.value)
+  except checkpointing.CheckpointSaveError:
+    # orbax's abandoned background writes print a traceback each at interpreter shutdown, burying this one:
+    # report it last and leave at once (metrics.jsonl is flushed, the workdir lock dies with the process).
+    traceback.print_exc()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 if __name__ == "__main__":
