@@ -25,3 +25,20 @@ def smollm2():
 def smollm2_golden():
   """The transformers reference values written by scripts/make_golden.py (see its docstring)."""
   return json.loads(SMOLLM2_GOLDEN_PATH.read_text(encoding="utf-8"))
+
+
+# --- a random-init tiny Llama and a token batch, shared by the quantization / calibration tests --------------
+@pytest.fixture(scope="module")
+def tiny():
+  """`llama.Llama(llama.TINY)` from seed 0 (module-scoped: clone it before changing it in place)."""
+  from flax import nnx
+  from efficient.models import llama
+  return llama.Llama(llama.TINY, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  """[2, 16] random token ids of the tiny Llama's vocabulary (test files may override it with their own)."""
+  import jax.numpy as jnp
+  from efficient.models import llama
+  return jax.random.randint(jax.random.key(0), (2, 16), 0, llama.TINY.vocab_size, dtype=jnp.int32)

@@ -32,6 +32,7 @@ from flax import nnx
 from efficient import nn
 from efficient.attention import core, softmax
 from efficient.attention.core import AttentionFn
+from efficient.models import config_dict
 from pallas_kernels.flash_attention import IMPLEMENTATIONS as FLASH_IMPLEMENTATIONS
 
 ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),  # Hugging Face's 'gelu' is the erf form
@@ -80,10 +81,7 @@ class BertConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["param_dtype"] = jnp.dtype(self.param_dtype).name
-    d["compute_dtype"] = jnp.dtype(self.compute_dtype).name
-    return d
+    return config_dict.to_dict(self)
 
   def mixer_spec(self) -> core.MixerSpec:
     """The attention layer's spec: multi-head (H_kv = H), no RoPE, non-causal."""

@@ -21,6 +21,7 @@ from flax import nnx
 from efficient import nn
 from efficient.attention import core, mixers
 from efficient.attention.core import EMPTY_POSITION, AttentionFn  # noqa: F401  (re-exported for users)
+from efficient.models import config_dict
 from efficient.quant import kv_cache as _kv_cache  # noqa: F401  registers the int8/int4 KV-cache codecs
 
 # Fields added for per-layer attention; `to_dict` leaves them out at their defaults so signatures of existing
@@ -101,13 +102,7 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
-    d = dataclasses.asdict(self)
-    d["param_dtype"] = jnp.dtype(self.param_dtype).name
-    d["compute_dtype"] = jnp.dtype(self.compute_dtype).name
-    for name, default in _MIXER_FIELDS.items():
-      if d[name] == default:
-        del d[name]
-    return d
+    return config_dict.to_dict(self, omit_at_default=_MIXER_FIELDS)
 
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3,

@@ -9,11 +9,6 @@ from efficient import calibration, nn
 from efficient.models import llama
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  return llama.Llama(llama.TINY, rngs=nnx.Rngs(0))
-
-
 def _batch(seed=0, batch=2, length=16, pad_from=12):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(0, llama.TINY.vocab_size, (batch, length)).astype(np.int32)

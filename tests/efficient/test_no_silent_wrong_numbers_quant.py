@@ -13,16 +13,6 @@ from efficient.models import llama
 from efficient.quant import QuantConfig, calibrate, checkpoint, layers
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  return llama.Llama(llama.TINY, rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def tokens():
-  return jax.random.randint(jax.random.key(0), (2, 16), 0, llama.TINY.vocab_size, dtype=jnp.int32)
-
-
 def _mxfp8_reference(x):
   """OCP MX v1.0 mxfp8 along axis 0 in NumPy: per block of 32, e = floor(log2(absmax)) - 8 clipped to [-127, 127]
   (absmax 0: e = -127), elements x / 2^e saturated to 448 and rounded to E4M3 (ml_dtypes), times 2^e; in f64."""

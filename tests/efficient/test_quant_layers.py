@@ -12,16 +12,6 @@ from efficient.models import llama
 from efficient.quant import QuantConfig, layers, rules
 
 
-@pytest.fixture(scope="module")
-def tiny():
-  return llama.Llama(llama.TINY, rngs=nnx.Rngs(0))
-
-
-@pytest.fixture(scope="module")
-def tokens():
-  return jax.random.randint(jax.random.key(0), (2, 16), 0, llama.TINY.vocab_size, dtype=jnp.int32)
-
-
 def _dequantized_float_model(float_model, quantized):
   """The float model with every quantized projection's kernel replaced by its dequantized weight."""
   model = nnx.clone(float_model)
