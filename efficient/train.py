@@ -1,9 +1,11 @@
-"""Training and evaluation of a causal LM on packed batches: AdamW with warmup + cosine, orbax checkpoints.
+"""Training and evaluation of a causal LM on packed batches: any optimizer by name, warmup + cosine, orbax checkpoints.
 
 The jitted step is a pure function of the split model state (`nnx.split(model, nnx.Param, ...)`), so params and
-optimizer state are explicit pytrees. Optimizer moments are built by `tx.init(params)` from the params' nnx
-`Param` variables, so they carry the same logical axis names and `efficient.sharding.state_shardings` shards
-them like their params. A run directory holds:
+optimizer state are explicit pytrees. `TrainConfig.optimizer` names the optimizer (`efficient.optim.OPTIMIZERS`: AdamW, 8-/4-bit
+Adam, Adafactor, CAME, GaLore, APOLLO(-Mini), or MeZO's zeroth-order step); its state is built by
+`efficient.optim.axes.named(tx).init(params)`, so every state leaf (moments, codes, block scales, factored
+rows/columns, projections) carries logical axis names derived from its param's and
+`efficient.sharding.state_shardings` shards it with its param. A run directory holds:
 
   WORKDIR/metrics.jsonl       one line per logged step: step, loss, lr, grad_norm, tokens_per_sec
   WORKDIR/checkpoints/<step>/ params, optimizer state (orbax) + meta JSON: step, data iterator state, model
@@ -37,6 +39,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from efficient import sharding
+from efficient.optim import axes as optim_axes
+from efficient.optim import registry as optim_registry
+from efficient.optim import zeroth_order
 from efficient.checkpointing import CHECKPOINT_DIR, METRICS_FILE, Checkpoints, WorkdirLock, signature_differences
 from efficient.checkpointing import truncate_metrics
 from efficient.data.packing import BatchIterator, BatchSource
@@ -47,9 +52,12 @@ EXECUTION_ONLY_CONFIG_FIELDS = ("norm_implementation",)
 # TrainConfig fields a resumed run must share with its checkpoint (others -- total_steps extends a run, the
 # checkpoint and log cadence, skip_nonfinite_steps -- may change freely).
 RESUME_FIXED_FIELDS = ("learning_rate", "warmup_steps", "final_learning_rate_fraction", "weight_decay", "b1", "b2",
-                       "eps", "grad_clip_norm", "batch_size", "seq_len")
+                       "eps", "grad_clip_norm", "batch_size", "seq_len", "optimizer", "block_size",
+                       "min_quantized_size", "stable_embedding", "rank", "update_proj_gap", "projection_scale",
+                       "optimizer_seed", "mezo_eps")
 _INT_FIELDS = ("warmup_steps", "total_steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
-               "log_every")
+               "log_every", "block_size", "min_quantized_size", "rank", "update_proj_gap", "optimizer_seed")
+_BOOL_FIELDS = ("skip_nonfinite_steps", "stable_embedding")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,13 +77,27 @@ class TrainConfig:
   keep_checkpoints: int = 3
   log_every: int = 10
   skip_nonfinite_steps: bool = False  # True: skip (and count) a non-finite update instead of stopping the run
+  # The optimizer (efficient.optim.OPTIMIZERS) and what its method reads (registry.READS); 0 = method default.
+  optimizer: str = "adamw"
+  block_size: int = 0            # adam8bit / adam4bit(_naive): quantization block (0: 256 / 128)
+  min_quantized_size: int = 4096  # low-bit: params with fewer elements keep f32 state
+  stable_embedding: bool = False  # low-bit: embedding state in f32
+  rank: int = 0                  # galore (0: 128) / apollo (0: 256) projection rank
+  update_proj_gap: int = 200     # galore / apollo: steps between projection refreshes
+  projection_scale: float = 0.0  # galore (0: 0.25) / apollo (0: 1) / apollo_mini (0: sqrt(128))
+  optimizer_seed: int = 0        # apollo's random projections, mezo's perturbations
+  mezo_eps: float = 1e-3         # mezo's perturbation scale
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name == "skip_nonfinite_steps":
+      if field.name == "optimizer":
+        if value not in optim_registry.OPTIMIZERS:
+          raise ValueError(f"TrainConfig.optimizer={value!r} is unknown; choose one of "
+                           f"{optim_registry.OPTIMIZERS}.")
+      elif field.name in _BOOL_FIELDS:
         if not isinstance(value, bool):
-          raise ValueError(f"TrainConfig.skip_nonfinite_steps must be a bool, got {value!r}.")
+          raise ValueError(f"TrainConfig.{field.name} must be a bool, got {value!r}.")
       elif field.name in _INT_FIELDS:
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
           raise ValueError(f"TrainConfig.{field.name} must be an integer, got {value!r}.")
@@ -93,6 +115,12 @@ class TrainConfig:
     if not 0 <= self.final_learning_rate_fraction <= 1:
       raise ValueError(f"TrainConfig.final_learning_rate_fraction must be in [0, 1], "
                        f"got {self.final_learning_rate_fraction}.")
+    for name in ("block_size", "rank", "projection_scale", "optimizer_seed", "min_quantized_size"):
+      if getattr(self, name) < 0:
+        raise ValueError(f"TrainConfig.{name} must be >= 0 (0: the method's default), got {getattr(self, name)}.")
+    for name in ("update_proj_gap", "mezo_eps"):
+      if getattr(self, name) <= 0:
+        raise ValueError(f"TrainConfig.{name} must be > 0, got {getattr(self, name)}.")
     for name in ("weight_decay", "eps"):
       if getattr(self, name) < 0:
         raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}.")
@@ -113,14 +141,28 @@ def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
       decay_steps=config.total_steps, end_value=config.learning_rate * config.final_learning_rate_fraction)
 
 
+def _decay_mask(params):
+  return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def optimizer_options(config: TrainConfig) -> optim_registry.OptimizerOptions:
+  return optim_registry.OptimizerOptions(
+      b1=config.b1, b2=config.b2, eps=config.eps, weight_decay=config.weight_decay, decay_mask=_decay_mask,
+      block_size=config.block_size, min_quantized_size=config.min_quantized_size,
+      stable_embedding=config.stable_embedding, rank=config.rank, update_proj_gap=config.update_proj_gap,
+      projection_scale=config.projection_scale, seed=config.optimizer_seed, mezo_eps=config.mezo_eps)
+
+
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """Global-norm clipping, then AdamW (weight decay on parameters with >= 2 dims)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                      weight_decay=config.weight_decay, mask=decay_mask)
-  if config.grad_clip_norm is None:
-    return adamw
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), adamw)
+  """Global-norm clipping, then `config.optimizer` (weight decay on parameters with >= 2 dims), its state named
+  after the params. MeZO has no gradient to transform: its 'optimizer' keeps a step counter only."""
+  if config.optimizer == "mezo":
+    return optax.GradientTransformation(lambda params: optax.ScaleByScheduleState(jnp.zeros([], jnp.int32)),
+                                        None)
+  tx = optim_registry.make(config.optimizer, learning_rate_schedule(config), optimizer_options(config))
+  if config.grad_clip_norm is not None:
+    tx = optax.chain(optax.clip_by_global_norm(config.grad_clip_norm), tx)
+  return optim_axes.named(tx)
 
 
 def masked_cross_entropy(logits, targets, loss_mask):
@@ -153,6 +195,13 @@ class TrainState:
   batch_sharding: NamedSharding | None = None
 
 
+def _init_state(optimizer: optax.GradientTransformation, params):
+  """`optimizer.init(params)` with every array leaf in its own buffer: an init may return one zeros array for
+  several leaves, and the jitted step donates the state (a buffer donated twice is refused)."""
+  return jax.tree.map(lambda x: jnp.array(x, copy=True) if isinstance(x, jax.Array) else x,
+                      optimizer.init(params))
+
+
 def init_train_state(model: nnx.Module, config: TrainConfig, *, mesh: Mesh | None = None,
                      rules: str | sharding.Rules = "dp") -> TrainState:
   """Splits `model` and builds its optimizer state; with `mesh`, shards both by `rules` (model moved in place)."""
@@ -162,13 +211,13 @@ def init_train_state(model: nnx.Module, config: TrainConfig, *, mesh: Mesh | Non
     device = jax.devices()[0]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params, rest = jax.device_put((params, rest), device)
-    return TrainState(graphdef, params, rest, jax.device_put(optimizer.init(params), device), config)
+    return TrainState(graphdef, params, rest, jax.device_put(_init_state(optimizer, params), device), config)
   rules = sharding.rules_for(rules)
   sharding.shard_model(model, mesh, rules)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_shardings = sharding.state_shardings(params, mesh, rules)
   # Moments are `Param`s with their parameter's logical names, so the same rules place them.
-  opt_state = optimizer.init(params)
+  opt_state = _init_state(optimizer, params)
   opt_shardings = sharding.state_shardings(opt_state, mesh, rules)
   opt_state = jax.device_put(opt_state, opt_shardings)
   return TrainState(graphdef, params, rest, opt_state, config, mesh=mesh, rules=rules,
@@ -199,6 +248,17 @@ def make_train_step(state: TrainState) -> Callable:
   def loss_fn(params, rest, batch):
     return batch_loss(nnx.merge(graphdef, params, rest), batch)
 
+  def mezo_step_fn(params, opt_state, rest, batch, step):
+    config = state.config
+    params, mezo_metrics = zeroth_order.mezo_step(
+        lambda p, b: loss_fn(p, rest, b)[0], params, batch, key=jax.random.key(config.optimizer_seed), step=step,
+        learning_rate=schedule, eps=config.mezo_eps, weight_decay=config.weight_decay,
+        weight_decay_mask=_decay_mask)
+    tokens = batch["loss_mask"].astype(jnp.float32).sum()
+    metrics = {"loss": mezo_metrics["loss"], "grad_norm": jnp.abs(mezo_metrics["projected_grad"]),
+               "lr": schedule(step), "tokens": tokens, "finite": mezo_metrics["finite"]}
+    return params, optax.ScaleByScheduleState(opt_state.count + 1), metrics
+
   def step_fn(params, opt_state, rest, batch, step):
     (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
     grad_norm = optax.tree.norm(grads)
@@ -213,7 +273,8 @@ def make_train_step(state: TrainState) -> Callable:
   out_shardings = None
   if state.mesh is not None:
     out_shardings = (state.param_shardings, state.opt_shardings, NamedSharding(state.mesh, PartitionSpec()))
-  _STEP_CACHE[key] = jax.jit(step_fn, donate_argnums=(0, 1), out_shardings=out_shardings)
+  step = mezo_step_fn if state.config.optimizer == "mezo" else step_fn
+  _STEP_CACHE[key] = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
   return _STEP_CACHE[key]
 
 
@@ -325,6 +386,11 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
   checkpoints = Checkpoints(workdir, keep=config.keep_checkpoints)
 
   def check_model(step, meta):
+    saved_optimizer = meta.get("train_config", {}).get("optimizer", "adamw")
+    if saved_optimizer != config.optimizer:  # another state layout: no allow_config_change can resume it
+      raise ValueError(f"checkpoint step {step} in {checkpoints.directory} holds the state of optimizer "
+                       f"{saved_optimizer!r} but TrainConfig.optimizer={config.optimizer!r}; resume with "
+                       f"optimizer={saved_optimizer!r} or use another workdir.")
     differences = signature_differences(meta, signature)
     if differences:
       raise ValueError(f"checkpoint directory {checkpoints.directory} holds step {step} of a different model; "

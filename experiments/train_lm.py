@@ -2,6 +2,7 @@
 
     python -m experiments.train_lm --workdir=workdir/train_lm [--config.model=tiny] [--config.steps=300]
         [--mesh=data:2,fsdp:2,tensor:2 --config.sharding=fsdp_tp]
+        [--config.optimizer=adamw|adam8bit|adam4bit|adam4bit_naive|adafactor|came|galore|apollo|apollo_mini|mezo]
 
 Run it again with the same --workdir to continue from the latest checkpoint (parameters, optimizer state and
 data position); a larger --config.steps extends the run (the cosine schedule is then the new run's). Writes metrics.jsonl, checkpoints/, results.json, results.md
@@ -43,6 +44,14 @@ def default_config() -> ml_collections.ConfigDict:
   config.eval_batches = 4
   config.seed = 0
   config.sharding = "dp"        # rule preset used when --mesh is given
+  config.optimizer = "adamw"    # one of efficient.optim.OPTIMIZERS; the fields below are read by some of them
+  config.block_size = 0         # adam8bit / adam4bit(_naive) quantization block (0: 256 / 128)
+  config.min_quantized_size = 4096  # low-bit: smaller params keep f32 state
+  config.stable_embedding = False   # low-bit: embedding state in f32
+  config.rank = 0               # galore (0: 128) / apollo (0: 256)
+  config.update_proj_gap = 200  # galore / apollo projection refresh
+  config.projection_scale = 0.0  # galore (0: 0.25) / apollo (0: 1) / apollo_mini (0: sqrt(128))
+  config.mezo_eps = 1e-3
   config.skip_nonfinite_steps = False  # True: skip (and count) a non-finite update instead of stopping
   config.allow_config_change = False   # True: resume under other hyperparameters (logged to metrics.jsonl)
   return config
@@ -88,11 +97,14 @@ def run(config: ml_collections.ConfigDict, workdir: str, mesh_spec: str = "") ->
   train_config = train.TrainConfig(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps,
       batch_size=config.batch_size, seq_len=config.seq_len, checkpoint_every=config.checkpoint_every,
-      skip_nonfinite_steps=config.skip_nonfinite_steps)
+      skip_nonfinite_steps=config.skip_nonfinite_steps, optimizer=config.optimizer, block_size=config.block_size,
+      min_quantized_size=config.min_quantized_size, stable_embedding=config.stable_embedding, rank=config.rank,
+      update_proj_gap=config.update_proj_gap, projection_scale=config.projection_scale,
+      optimizer_seed=config.seed, mezo_eps=config.mezo_eps)
   model = llama.Llama(architecture, rngs=nnx.Rngs(config.seed))
   dataset = data.stdlib_dataset("train", batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
   print(f"training {config.model} ({measure.parameter_count(model):,} parameters) for {config.steps} steps "
-        f"on {mesh_spec or 'one device'}", flush=True)
+        f"with {config.optimizer} on {mesh_spec or 'one device'}", flush=True)
   started = time.perf_counter()
   outcome = train.train(model, dataset, train_config, workdir, mesh=mesh, rules=config.sharding,
                         allow_config_change=config.allow_config_change)

@@ -1,5 +1,11 @@
 """Shared test set-up. 8 fake CPU devices must be configured before jax initializes its backends."""
-import jax
+import os
+
+# One BLAS thread per process: XLA:CPU runs LAPACK (GaLore's SVD) on each of the 8 fake devices at once, and 8
+# OpenBLAS thread pools on 2 cores turn a millisecond SVD into seconds; pytest -n 2 already fills the cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 

@@ -168,7 +168,8 @@ def test_sharded_step_matches_one_device(single_device_step, preset):
   metrics = jax.device_get(training.apply_train_step(state, training.make_train_step(state), batch))
   np.testing.assert_allclose(metrics["loss"], reference_metrics["loss"], rtol=1e-5)
   np.testing.assert_allclose(metrics["grad_norm"], reference_metrics["grad_norm"], rtol=1e-5)
-  first_moment = lambda s: s.opt_state[1][0].mu  # (clip, (adam, masked decay, schedule)); mu = (1 - b1) g
+  # named((clip, (adam, masked decay, schedule))); mu = (1 - b1) g
+  first_moment = lambda s: s.opt_state.inner[1][0].mu
   for tree in (lambda s: s.params, first_moment):
     pairs = zip(nnx.to_flat_state(tree(state)), nnx.to_flat_state(tree(reference)))
     for (path, got), (_, want) in pairs:
@@ -179,7 +180,7 @@ def test_sharded_step_matches_one_device(single_device_step, preset):
   expected = SHARD_SHAPES[preset]
   layer = state.params["blocks"][0]
   params = {"gate": layer["mlp"]["gate"]["kernel"], "q": layer["attention"]["q"]["kernel"], "embedding": state.params["embedding"]}
-  adam = state.opt_state[1][0]
+  adam = state.opt_state.inner[1][0]
   moments = {"gate": adam.mu["blocks"][0]["mlp"]["gate"]["kernel"], "q": adam.nu["blocks"][0]["attention"]["q"]["kernel"],
              "embedding": adam.mu["embedding"]}
   for name, variable in params.items():
