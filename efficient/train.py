@@ -1,8 +1,9 @@
-"""Training and evaluation of a causal LM on packed batches: any optimizer by name, warmup + cosine, orbax checkpoints.
+"""Training and evaluation of a causal LM on packed batches: any optimizer by name, warmup + cosine, orbax
+checkpoints.
 
 The jitted step is a pure function of the split model state (`nnx.split(model, nnx.Param, ...)`), so params and
-optimizer state are explicit pytrees. `TrainConfig.optimizer` names the optimizer (`efficient.optim.OPTIMIZERS`: AdamW, 8-/4-bit
-Adam, Adafactor, CAME, GaLore, APOLLO(-Mini), or MeZO's zeroth-order step); its state is built by
+optimizer state are explicit pytrees. `TrainConfig.optimizer` names the optimizer (`efficient.optim.OPTIMIZERS`:
+AdamW, 8-/4-bit Adam, Adafactor, CAME, GaLore, APOLLO(-Mini), or MeZO's zeroth-order step); its state is built by
 `efficient.optim.axes.named(tx).init(params)`, so every state leaf (moments, codes, block scales, factored
 rows/columns, projections) carries logical axis names derived from its param's and
 `efficient.sharding.state_shardings` shards it with its param. A run directory holds:
@@ -210,13 +211,16 @@ def init_train_state(model: nnx.Module, config: TrainConfig, *, mesh: Mesh | Non
     # Committed to one device, as restored checkpoints are, so a resumed run reuses the compiled step.
     device = jax.devices()[0]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    params, rest = jax.device_put((params, rest), device)
+    # Own buffers (may_alias=False): the step donates params, and the model's arrays may be shared with another
+    # model (an nnx.clone shares them) that must survive training this one.
+    params, rest = jax.device_put((params, rest), device, may_alias=False)
     return TrainState(graphdef, params, rest, jax.device_put(_init_state(optimizer, params), device), config)
   rules = sharding.rules_for(rules)
   sharding.shard_model(model, mesh, rules)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   param_shardings = sharding.state_shardings(params, mesh, rules)
-  # Moments are `Param`s with their parameter's logical names, so the same rules place them.
+  params = jax.device_put(params, param_shardings, may_alias=False)
+  # State leaves carry names derived from their params' (optim.named), so the same rules place them.
   opt_state = _init_state(optimizer, params)
   opt_shardings = sharding.state_shardings(opt_state, mesh, rules)
   opt_state = jax.device_put(opt_state, opt_shardings)

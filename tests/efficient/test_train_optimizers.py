@@ -111,3 +111,14 @@ def test_fsdp_sharded_steps_equal_one_device(name):
                                     nnx.to_flat_state(states["one device"].params)):
     np.testing.assert_allclose(np.asarray(got[...]), np.asarray(want[...]), rtol=1e-4, atol=2e-5,
                                err_msg=f"{name}: {path}")
+
+
+def test_training_a_clone_leaves_the_original_intact(tmp_path):
+  """The step donates its params: the trainer must own them, not donate buffers an nnx.clone shares."""
+  original = Llama(MODEL, rngs=nnx.Rngs(0))
+  before = _params(original)
+  config = dataclasses.replace(CONFIG, total_steps=2)
+  training.train(nnx.clone(original), _corpus(), config, tmp_path, progress=False)
+  after = _params(original)  # raised "Array has been deleted" when the clone's training donated shared buffers
+  for key in before:
+    np.testing.assert_array_equal(after[key], before[key], err_msg=key)
