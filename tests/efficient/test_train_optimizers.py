@@ -83,11 +83,10 @@ def test_unknown_optimizer_is_refused():
 MESH_CONFIG = dataclasses.replace(CONFIG, batch_size=8, seq_len=32, warmup_steps=0, eps=1e-5, total_steps=2)
 
 
-# One optimizer per kind of state layout (AdamW's moments are covered by tests/efficient/test_train.py, optax's
-# Adafactor rows by tests/efficient/test_optim_axes.py; APOLLO and the naive 4-bit share code with these):
-# block-quantized codes + absmax, 4-bit rank-1 normalizers, factored rows/columns, SVD projections, random
-# projections, and no state at all.
-SHARDED = ("adam8bit", "adam4bit", "came", "galore", "apollo_mini", "mezo")
+# The trainer's sharded path with one optimizer per family of state: block-quantized codes + absmax, SVD
+# projections, and no state at all (each transformation's own sharded test covers the rest:
+# tests/efficient/test_optim_lowbit.py, test_optim_lowrank.py; AdamW: tests/efficient/test_train.py).
+SHARDED = ("adam8bit", "galore", "mezo")
 
 
 @pytest.mark.parametrize("name", SHARDED)

@@ -9,8 +9,9 @@ from experiments import optimizers
 
 def _toy_config(**overrides):
   config = optimizers.default_config()
-  config.update(optimizers="adamw,adam8bit,mezo", steps=4, warmup_steps=1, batch_size=2, seq_len=32, embed_dim=32,
-                num_layers=1, eval_batches=1, rank=4, update_proj_gap=2, smollm2_optimizers="none", **overrides)
+  config.update(dict(dict(optimizers="adamw,adam8bit,mezo", steps=4, warmup_steps=1, batch_size=2, seq_len=32,
+                          embed_dim=32, num_layers=1, eval_batches=1, rank=4, update_proj_gap=2, adamw_seeds=1,
+                          smollm2_optimizers="none"), **overrides))
   return config
 
 
