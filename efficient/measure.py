@@ -79,11 +79,16 @@ def saved_residual_bytes(loss_fn: Callable, *args, **kwargs) -> dict[str, Any]:
 
 def compiled_cost(fn: Callable, *args, **kwargs) -> dict[str, float]:
   """XLA's own figures for `jax.jit(fn)(*args)`: cost analysis (flops, bytes accessed, transcendentals) and
-  memory analysis (argument, output, temp, alias, generated code and peak bytes).
+  memory analysis (argument, output, temp, alias, generated code and peak bytes). An already jitted `fn` is
+  lowered as it is, so its donation (alias bytes) counts; an already compiled one (`.lower(...).compile()`) is
+  read as it is (args unused).
 
   Caveat (README, Design, fact 5): on CPU a scan body is counted once and remat recomputation may be removed.
   """
-  compiled = jax.jit(fn).lower(*args, **kwargs).compile()
+  if hasattr(fn, "memory_analysis"):
+    compiled = fn
+  else:
+    compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs).compile()
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
     analysis = analysis[0] if analysis else {}

@@ -23,9 +23,6 @@ from efficient.optim.axes import unwrap
 
 # The memory fields `compiled_memory` returns, named as `efficient.measure.compiled_cost` names them.
 MEMORY_FIELDS = ("argument_bytes", "output_bytes", "temp_bytes", "alias_bytes", "generated_code_bytes")
-_ATTRIBUTES = {"argument_bytes": "argument_size_in_bytes", "output_bytes": "output_size_in_bytes",
-               "temp_bytes": "temp_size_in_bytes", "alias_bytes": "alias_size_in_bytes",
-               "generated_code_bytes": "generated_code_size_in_bytes"}
 
 
 def _array_leaves(tree, name: str) -> list:
@@ -59,22 +56,14 @@ def compiled_memory(fn: Callable, *args, **kwargs) -> dict[str, Any]:
   inputs written in place count once) and 'xla_peak_bytes' (XLA's own peak figure, NaN where not reported).
 
   `fn`: an already compiled step (`jitted.lower(...).compile()`, args then unused: measure and run one
-  compilation), a jitted function (lowered with its own donation), or a plain function (measured by
-  `efficient.measure.compiled_cost`, jitted without donation).
+  compilation), a jitted function (lowered with its own donation), or a plain function (jitted without
+  donation); all read by `efficient.measure.compiled_cost`.
   """
   if not callable(fn):
     raise ValueError(f"fn must be callable, got {fn!r}.")
-  if hasattr(fn, "memory_analysis") or hasattr(fn, "lower"):
-    compiled = fn if hasattr(fn, "memory_analysis") else fn.lower(*args, **kwargs).compile()
-    memory = compiled.memory_analysis()
-    fields = {name: float(getattr(memory, attribute, float("nan"))) if memory is not None else float("nan")
-              for name, attribute in _ATTRIBUTES.items()}
-    xla_peak = getattr(memory, "peak_memory_in_bytes", None) if memory is not None else None
-    fields["xla_peak_bytes"] = float(xla_peak) if xla_peak is not None else float("nan")
-  else:
-    cost = measure.compiled_cost(fn, *args, **kwargs)
-    fields = {name: cost[name] for name in MEMORY_FIELDS}
-    fields["xla_peak_bytes"] = cost["peak_bytes"]
+  cost = measure.compiled_cost(fn, *args, **kwargs)
+  fields = {name: cost[name] for name in MEMORY_FIELDS}
+  fields["xla_peak_bytes"] = cost["peak_bytes"]
   fields["peak_bytes"] = (fields["argument_bytes"] + fields["output_bytes"] + fields["temp_bytes"]
                           - fields["alias_bytes"])
   return fields
