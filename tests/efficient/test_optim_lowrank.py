@@ -20,27 +20,6 @@ from efficient.optim.memory import state_bytes_per_param
 B1, B2, EPS = 0.9, 0.999, 1e-6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_blas_thread():
-  """XLA:CPU runs LAPACK's SVD (GaLore's refresh) on every one of the 8 fake devices at once, each call in
-  scipy's OpenBLAS with its own thread pool: on 2 cores that oversubscription makes one tiny SVD take seconds
-  (measured 9 s for [256, 64] replicated on 8 devices, 0.01 s with one BLAS thread). One thread while this module
-  runs, restored after; it changes no result."""
-  import ctypes
-  import glob
-  import os
-  import scipy
-  libs = [ctypes.CDLL(path) for path in glob.glob(os.path.join(os.path.dirname(scipy.__file__), os.pardir,
-                                                                  "scipy.libs", "libscipy_openblas*.so"))]
-  libs = [lib for lib in libs if hasattr(lib, "scipy_openblas_set_num_threads")]
-  before = [lib.scipy_openblas_get_num_threads() for lib in libs]
-  for lib in libs:
-    lib.scipy_openblas_set_num_threads(1)
-  yield
-  for lib, threads in zip(libs, before):
-    lib.scipy_openblas_set_num_threads(threads)
-
-
 def _inner(state):
   """The algorithm's own state inside skip_nonfinite(chain(direction, decay, lr))."""
   return state.inner[0]
