@@ -192,6 +192,12 @@ def _zero_moments(params, split: MatrixSplit, rank: int):
   return views, leaves, treedef, make
 
 
+def _per_leaf_state(updates, split: MatrixSplit, rank: int, *trees):
+  """(leaves, treedef, views, [each tree flattened up to the updates' leaves]) for a per-leaf update loop."""
+  leaves, treedef = jax.tree.flatten(updates)
+  return leaves, treedef, _views(updates, split, rank), [treedef.flatten_up_to(t) for t in trees]
+
+
 def _unzip_trees(treedef, per_leaf: list[tuple]) -> list:
   """[(a, b, ...) per leaf] -> [tree of a's, tree of b's, ...] (each unflattened with `treedef`)."""
   if not per_leaf:
@@ -256,9 +262,8 @@ def scale_by_galore(*, rank: int = 128, update_proj_gap: int = 200, scale: float
 
   def update(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    views = _views(updates, split, rank)
-    mus, nus, projs = (treedef.flatten_up_to(x) for x in (state.mu, state.nu, state.projector))
+    leaves, treedef, views, (mus, nus, projs) = _per_leaf_state(updates, split, rank, state.mu, state.nu,
+                                                                state.projector)
     count_inc = optax.safe_increment(state.count)
     refresh = state.count % update_proj_gap == 0
     step = _bias_correction(count_inc, b1, b2)
@@ -350,9 +355,8 @@ def scale_by_apollo(*, rank: int = 256, update_proj_gap: int = 200, scale: float
 
   def update(updates, state, params=None):
     del params
-    leaves, treedef = jax.tree.flatten(updates)
-    views = _views(updates, split, rank)
-    mus, nus, norms = (treedef.flatten_up_to(x) for x in (state.mu, state.nu, state.last_norm))
+    leaves, treedef, views, (mus, nus, norms) = _per_leaf_state(updates, split, rank, state.mu, state.nu,
+                                                                state.last_norm)
     count_inc = optax.safe_increment(state.count)
     step = _bias_correction(count_inc, b1, b2)
     projections = apollo_projections(seed, state.count // update_proj_gap, views)
