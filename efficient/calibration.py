@@ -263,6 +263,15 @@ def outputs_from_matrix(equation: str, y2, x_shape, kernel_shape_) -> jax.Array:
   return jnp.transpose(y, tuple(order.index(a) for a in spec["out"]))
 
 
+def outputs_as_rows(equation: str, y, x_ndim: int) -> jax.Array:
+  """The einsum's output y (of an x_ndim-dim input) as [tokens..., out_features], out_features ordered as the
+  kernel's output axes (inverse of `outputs_from_matrix` before flattening the tokens)."""
+  spec = parse_equation(concrete_equation(equation, x_ndim))
+  perm = tuple(spec["out"].index(a) for a in spec["batch"] + spec["outputs"])
+  moved = jnp.transpose(y, perm)
+  return moved.reshape(*moved.shape[:len(spec["batch"])], -1)
+
+
 def add_bias(equation: str, y, bias, x_ndim: int, kernel_shape_):
   """y + bias (y the output of an x_ndim-dim input), the bias laid along y's kernel axes as nnx.Einsum,
   nnx.Linear and nn.Einsum add it, in f32, result in y's dtype. `bias` None: y unchanged."""

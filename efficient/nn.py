@@ -7,6 +7,8 @@ finds by type and path. Nothing here knows a model config: dims, dtypes and init
 - `check_ids(ids, num, name=...)` / `take_rows(table, ids, name=...)`: the one guard of every embedding lookup.
   Concrete ids outside [0, num) are a ValueError naming the argument, the bad value and the range; traced ids
   (under `jit`) that are out of range get a NaN row -- never another row, as `jnp.take` would give for -1.
+- `Adapter`: the variable type of every PEFT adapter parameter (`efficient.peft`), an `nnx.Param` subclass, so a
+  trainer can train adapters alone (`nnx.split(model, Adapter, ...)`; `TrainConfig.trainable='adapters'`).
 - `LinearView` / `linear_view(module)`: one description (equation, kernel, bias, logical axes) of any linear
   contraction -- this project's `Einsum` and flax's own `nnx.Linear` / `nnx.Einsum` -- so transforms work on a
   user's NNX model unchanged. `is_linear(module)` tells whether a module is one.
@@ -34,6 +36,20 @@ def logical_param(value, names) -> nnx.Param:
     raise ValueError(f"logical_param: names {names} do not match the value's {jnp.ndim(value)} dims "
                      f"{jnp.shape(value)}.")
   return nnx.Param(value, out_sharding=names, eager_sharding=False)
+
+
+class Adapter(nnx.Param):
+  """A parameter of a PEFT adapter (LoRA A/B, DoRA magnitude, RoAd angles, ...): an `nnx.Param`, so optimizers
+  and checkpoints see it as one, and a type of its own, so a filter selects adapters without the frozen base."""
+
+
+def adapter_param(value, names) -> Adapter:
+  """An `Adapter` tagged with logical axis names (as `logical_param`)."""
+  names = tuple(names)
+  if len(names) != jnp.ndim(value):
+    raise ValueError(f"adapter_param: names {names} do not match the value's {jnp.ndim(value)} dims "
+                     f"{jnp.shape(value)}.")
+  return Adapter(value, out_sharding=names, eager_sharding=False)
 
 
 def normal_init(std: float = DEFAULT_INIT_STD) -> Callable:

@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import numbers
+import re
 import time
 import warnings
 from pathlib import Path
@@ -39,7 +40,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
-from efficient import sharding
+from efficient import nn, sharding
 from efficient.optim import axes as optim_axes
 from efficient.optim import registry as optim_registry
 from efficient.optim import zeroth_order
@@ -55,10 +56,13 @@ EXECUTION_ONLY_CONFIG_FIELDS = ("norm_implementation",)
 RESUME_FIXED_FIELDS = ("learning_rate", "warmup_steps", "final_learning_rate_fraction", "weight_decay", "b1", "b2",
                        "eps", "grad_clip_norm", "batch_size", "seq_len", "optimizer", "block_size",
                        "min_quantized_size", "stable_embedding", "rank", "update_proj_gap", "projection_scale",
-                       "optimizer_seed", "mezo_eps")
+                       "optimizer_seed", "mezo_eps", "trainable", "freeze")
 _INT_FIELDS = ("warmup_steps", "total_steps", "batch_size", "seq_len", "checkpoint_every", "keep_checkpoints",
                "log_every", "block_size", "min_quantized_size", "rank", "update_proj_gap", "optimizer_seed")
 _BOOL_FIELDS = ("skip_nonfinite_steps", "stable_embedding")
+_STR_FIELDS = ("optimizer", "trainable", "freeze")
+# What the optimizer trains: every nnx.Param, or only PEFT adapters (`efficient.nn.Adapter`, frozen base).
+TRAINABLE = ("all", "adapters")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +92,28 @@ class TrainConfig:
   projection_scale: float = 0.0  # galore (0: 0.25) / apollo (0: 1) / apollo_mini (0: sqrt(128))
   optimizer_seed: int = 0        # apollo's random projections, mezo's perturbations
   mezo_eps: float = 1e-3         # mezo's perturbation scale
+  # What is trained (TRAINABLE): 'all' params, or 'adapters' only (efficient.peft; the base stays frozen).
+  trainable: str = "all"
+  # A regex: parameters whose path ('blocks/0/mlp/up/kernel') it matches in full are frozen as well -- not
+  # trained, no optimizer state (e.g. r"blocks/(0|1)/.*" freezes the first two blocks). '' freezes nothing.
+  freeze: str = ""
 
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if field.name == "optimizer":
-        if value not in optim_registry.OPTIMIZERS:
+      if field.name in _STR_FIELDS:
+        if not isinstance(value, str):
+          raise ValueError(f"TrainConfig.{field.name} must be a string, got {value!r}.")
+        if field.name == "optimizer" and value not in optim_registry.OPTIMIZERS:
           raise ValueError(f"TrainConfig.optimizer={value!r} is unknown; choose one of "
                            f"{optim_registry.OPTIMIZERS}.")
+        if field.name == "trainable" and value not in TRAINABLE:
+          raise ValueError(f"TrainConfig.trainable={value!r} is unknown; choose one of {TRAINABLE}.")
+        if field.name == "freeze":
+          try:
+            re.compile(value)
+          except re.error as e:
+            raise ValueError(f"TrainConfig.freeze={value!r} is not a valid regular expression: {e}") from e
       elif field.name in _BOOL_FIELDS:
         if not isinstance(value, bool):
           raise ValueError(f"TrainConfig.{field.name} must be a bool, got {value!r}.")
@@ -133,6 +151,33 @@ class TrainConfig:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self)
+
+
+def trainable_filter(config: TrainConfig):
+  """The nnx filter of the parameters `config` trains: `nnx.Param` ('all') or `efficient.nn.Adapter`
+  ('adapters'), minus those whose path `config.freeze` matches in full."""
+  chosen = nnx.Param if config.trainable == "all" else nn.Adapter
+  if not config.freeze:
+    return chosen
+  regex = re.compile(config.freeze)
+  return nnx.All(chosen, lambda path, value: not regex.fullmatch("/".join(map(str, path))))
+
+
+def split_trainable(model: nnx.Module, config: TrainConfig):
+  """(graphdef, trained params, rest) of `model` under `trainable_filter(config)`; ValueError when the filter
+  selects nothing (naming the field) or `freeze` matches no parameter."""
+  if config.freeze:
+    regex = re.compile(config.freeze)
+    paths = ["/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(model, nnx.Param))]
+    if not any(regex.fullmatch(p) for p in paths):
+      raise ValueError(f"TrainConfig.freeze={config.freeze!r} matches no parameter path in full; paths look like "
+                       f"{paths[:3]}.")
+  graphdef, params, rest = nnx.split(model, trainable_filter(config), ...)
+  if not jax.tree.leaves(params):
+    what = ("no efficient.nn.Adapter parameters: add adapters first (efficient.peft.add_adapters)"
+            if config.trainable == "adapters" else "no parameters left to train")
+    raise ValueError(f"TrainConfig.trainable={config.trainable!r}, freeze={config.freeze!r}: the model has {what}.")
+  return graphdef, params, rest
 
 
 def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
@@ -210,14 +255,14 @@ def init_train_state(model: nnx.Module, config: TrainConfig, *, mesh: Mesh | Non
   if mesh is None:
     # Committed to one device, as restored checkpoints are, so a resumed run reuses the compiled step.
     device = jax.devices()[0]
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, rest = split_trainable(model, config)
     # Own buffers (may_alias=False): the step donates params, and the model's arrays may be shared with another
     # model (an nnx.clone shares them) that must survive training this one.
     params, rest = jax.device_put((params, rest), device, may_alias=False)
     return TrainState(graphdef, params, rest, jax.device_put(_init_state(optimizer, params), device), config)
   rules = sharding.rules_for(rules)
   sharding.shard_model(model, mesh, rules)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  graphdef, params, rest = split_trainable(model, config)
   param_shardings = sharding.state_shardings(params, mesh, rules)
   params = jax.device_put(params, param_shardings, may_alias=False)
   # State leaves carry names derived from their params' (optim.named), so the same rules place them.
@@ -235,11 +280,13 @@ _STEP_CACHE: dict[tuple, Callable] = {}
 
 
 def make_train_step(state: TrainState) -> Callable:
-  """jit(params, opt_state, rest, batch, step) -> (params, opt_state, metrics).
+  """jit(params, opt_state, rest, batch, step) -> (params, opt_state, metrics, rng_counts).
 
   metrics: 'loss', 'grad_norm', 'lr', 'tokens' and 'finite' (loss, gradient norm and update norm all finite).
   A non-finite step returns the params and optimizer state it was given: a bad update is never applied.
-  params and optimizer state are donated: the caller must use the returned ones.
+  params and optimizer state are donated: the caller must use the returned ones. rng_counts: the model's
+  `nnx.RngCount` state after the forward (empty for a model without RNG streams; `apply_train_step` writes it
+  back into `rest`, so dropout draws a new mask every step).
   """
   # Fields the step does not read (cadence, the non-finite policy) stay out of the key.
   step_config = dataclasses.replace(state.config, checkpoint_every=1, keep_checkpoints=1, log_every=1,
@@ -250,7 +297,14 @@ def make_train_step(state: TrainState) -> Callable:
   graphdef, optimizer, schedule = state.graphdef, make_optimizer(state.config), learning_rate_schedule(state.config)
 
   def loss_fn(params, rest, batch):
-    return batch_loss(nnx.merge(graphdef, params, rest), batch)
+    loss, tokens = batch_loss(nnx.merge(graphdef, params, rest), batch)
+    return loss, tokens
+
+  def counted_loss_fn(params, rest, batch):
+    """The loss, and the RNG counters the forward advanced (dropout in adapters draws a fresh mask per step)."""
+    model = nnx.merge(graphdef, params, rest)
+    loss, tokens = batch_loss(model, batch)
+    return loss, (tokens, nnx.state(model, nnx.RngCount))
 
   def mezo_step_fn(params, opt_state, rest, batch, step):
     config = state.config
@@ -261,10 +315,10 @@ def make_train_step(state: TrainState) -> Callable:
     tokens = batch["loss_mask"].astype(jnp.float32).sum()
     metrics = {"loss": mezo_metrics["loss"], "grad_norm": jnp.abs(mezo_metrics["projected_grad"]),
                "lr": schedule(step), "tokens": tokens, "finite": mezo_metrics["finite"]}
-    return params, optax.ScaleByScheduleState(opt_state.count + 1), metrics
+    return params, optax.ScaleByScheduleState(opt_state.count + 1), metrics, nnx.filter_state(rest, nnx.RngCount)
 
   def step_fn(params, opt_state, rest, batch, step):
-    (loss, tokens), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, rest, batch)
+    (loss, (tokens, rng_counts)), grads = jax.value_and_grad(counted_loss_fn, has_aux=True)(params, rest, batch)
     grad_norm = optax.tree.norm(grads)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(optax.tree.norm(updates))
@@ -272,11 +326,13 @@ def make_train_step(state: TrainState) -> Callable:
     params = jax.tree.map(keep, optax.apply_updates(params, updates), params)
     opt_state = jax.tree.map(keep, new_opt_state, opt_state)
     metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(step), "tokens": tokens, "finite": finite}
-    return params, opt_state, metrics
+    return params, opt_state, metrics, rng_counts
 
   out_shardings = None
   if state.mesh is not None:
-    out_shardings = (state.param_shardings, state.opt_shardings, NamedSharding(state.mesh, PartitionSpec()))
+    replicated = NamedSharding(state.mesh, PartitionSpec())
+    rng_shardings = jax.tree.map(lambda _: replicated, nnx.filter_state(state.rest, nnx.RngCount))
+    out_shardings = (state.param_shardings, state.opt_shardings, replicated, rng_shardings)
   step = mezo_step_fn if state.config.optimizer == "mezo" else step_fn
   _STEP_CACHE[key] = jax.jit(step, donate_argnums=(0, 1), out_shardings=out_shardings)
   return _STEP_CACHE[key]
@@ -291,8 +347,10 @@ def place_batch(batch: dict, state: TrainState) -> dict:
 
 def apply_train_step(state: TrainState, step_fn: Callable, batch: dict) -> dict:
   """Runs one update in place on `state`; returns the step's metrics as device scalars."""
-  state.params, state.opt_state, metrics = step_fn(state.params, state.opt_state, state.rest,
-                                                    place_batch(batch, state), state.step)
+  state.params, state.opt_state, metrics, rng_counts = step_fn(state.params, state.opt_state, state.rest,
+                                                                place_batch(batch, state), state.step)
+  if jax.tree.leaves(rng_counts):
+    state.rest = nnx.merge_state(state.rest, rng_counts)
   state.step += 1
   return metrics
 
@@ -401,7 +459,7 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
                        f"use another workdir or the same model config. Differences: " + "; ".join(differences))
 
   try:
-    restored = checkpoints.restore({"params": state.params, "opt_state": state.opt_state}, check_model)
+    restored = checkpoints.restore(_checkpoint_tree(state), check_model)
     changes, skipped = {}, 0
     if restored is not None:
       tree, meta, _ = restored
@@ -413,6 +471,8 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
                          + ". Use the same values, another workdir, or allow_config_change=True.")
       iterator.restore(meta["data_state"])
       state.params, state.opt_state, state.step = tree["params"], tree["opt_state"], int(meta["step"])
+      if "rng_counts" in tree:
+        state.rest = nnx.merge_state(state.rest, tree["rng_counts"])
       skipped = int(meta.get("skipped_nonfinite_steps", 0))
     truncate_metrics(metrics_path, state.step)  # a fresh start (step 0) clears a crashed run's log
     if changes:
@@ -427,6 +487,16 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
   checkpoints.close()
   nnx.update(model, state.params, state.rest)
   return {"step": state.step, "history": history}
+
+
+def _checkpoint_tree(state: TrainState) -> dict:
+  """What a checkpoint holds: trained params, optimizer state and (when the model has RNG streams, e.g. adapter
+  dropout) their counters, so a resumed run draws the masks the uninterrupted one would."""
+  tree = {"params": state.params, "opt_state": state.opt_state}
+  rng_counts = nnx.filter_state(state.rest, nnx.RngCount)
+  if jax.tree.leaves(rng_counts):
+    tree["rng_counts"] = rng_counts
+  return tree
 
 
 def _loop(state, iterator, config, until_step, progress, checkpoints, guard, metrics_path, history, meta):
@@ -464,8 +534,7 @@ def _loop(state, iterator, config, until_step, progress, checkpoints, guard, met
       if unchecked is not None:
         guard.check(*unchecked)
         unchecked = None
-      tree = {"params": state.params, "opt_state": state.opt_state}
-      checkpoints.save(state.step, tree, dict(meta, step=state.step, data_state=iterator.state,
+      checkpoints.save(state.step, _checkpoint_tree(state), dict(meta, step=state.step, data_state=iterator.state,
                                               skipped_nonfinite_steps=guard.skipped))
   if unchecked is not None:
     guard.check(*unchecked)
