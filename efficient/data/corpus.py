@@ -14,6 +14,7 @@ Choices (fixed so numbers are comparable across machines running the same Python
 """
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import platform
@@ -87,6 +88,24 @@ def read_text(root: str | Path | None, relative_path: str) -> str:
   return Path(root, relative_path).read_bytes().decode("utf-8", errors="replace")
 
 
+# What of each file becomes a document: its source, or only its docstrings (module, class, function), an English
+# prose corpus shifted from code -- what a fine-tuning experiment moves a code-and-web model onto.
+TEXTS = ("source", "docstrings")
+
+
+def docstrings_of(source: str) -> str:
+  """The docstrings of a Python source (module, classes, functions; in file order, cleaned by
+  `inspect.cleandoc`), separated by blank lines; '' for a file without any or one that does not parse."""
+  try:
+    tree = ast.parse(source)
+  except (SyntaxError, ValueError):
+    return ""
+  kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+  nodes = sorted((n for n in ast.walk(tree) if isinstance(n, kinds)), key=lambda n: getattr(n, "lineno", 0))
+  texts = [ast.get_docstring(n, clean=True) for n in nodes]
+  return "\n\n".join(t for t in texts if t)
+
+
 def corpus_info(root: str | Path | None = None, *, include_tests: bool = False,
                 validation_fraction: float = DEFAULT_VALIDATION_FRACTION) -> dict[str, Any]:
   """What the corpus is, to record beside every result: Python version, root, file counts and bytes per split."""
@@ -133,9 +152,11 @@ _TOKEN_CACHE: dict[tuple, tuple[Tokenizer, list[np.ndarray]]] = {}
 def tokenized_documents(split: str, tokenizer: Tokenizer = None, *, root: str | Path | None = None,
                         include_tests: bool = False, validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
                         max_files: int | None = None, max_tokens: int | None = None,
-                        eos_id: int | None = None) -> list[np.ndarray]:
+                        eos_id: int | None = None, text: str = "source") -> list[np.ndarray]:
   """One int32 token array per file of `split`, in sorted path order (cached in memory).
 
+  `text` (TEXTS): 'source' (the whole file) or 'docstrings' (`docstrings_of` the file; files without any are
+  skipped). The split is by file path either way, so docstrings and sources of one file share a split.
   `max_files` keeps the first files; `max_tokens` stops once that many tokens are collected (the last document
   is cut), so a quick run never tokenizes the whole library. `eos_id`, when given, ends every document.
   Empty files are dropped. Treat the returned arrays as read-only: they are shared through the cache.
@@ -144,8 +165,10 @@ def tokenized_documents(split: str, tokenizer: Tokenizer = None, *, root: str | 
     raise ValueError(f"max_files must be >= 1 or None, got {max_files}.")
   if max_tokens is not None and max_tokens < 1:
     raise ValueError(f"max_tokens must be >= 1 or None, got {max_tokens}.")
+  if text not in TEXTS:
+    raise ValueError(f"text={text!r} must be one of {TEXTS}.")
   root_key = str(stdlib_root() if root is None else Path(root))
-  key = (split, id(tokenizer), root_key, include_tests, validation_fraction, max_files, max_tokens, eos_id)
+  key = (split, id(tokenizer), root_key, include_tests, validation_fraction, max_files, max_tokens, eos_id, text)
   if key in _TOKEN_CACHE:
     return _TOKEN_CACHE[key][1]
   encode = _encoder(tokenizer)
@@ -153,7 +176,11 @@ def tokenized_documents(split: str, tokenizer: Tokenizer = None, *, root: str | 
   documents: list[np.ndarray] = []
   collected = 0
   for path in paths[:max_files]:
-    tokens = encode(read_text(root, path))
+    content = read_text(root, path)
+    content = docstrings_of(content) if text == "docstrings" else content
+    if not content:
+      continue
+    tokens = encode(content)
     if eos_id is not None:
       tokens = np.append(tokens, np.int32(eos_id))
     if max_tokens is not None:

@@ -226,3 +226,15 @@ def test_corpus_module_does_not_import_models():
     imported = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
     imported += [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
     assert not any(name.startswith("efficient.models") for name in imported)
+
+
+def test_docstrings_corpus_keeps_only_docstrings_in_file_order():
+  source = ('"""Module doc."""\nimport os\n\n\nclass A:\n  """Class doc.\n\n    indented line\n  """\n\n'
+            '  def f(self):\n    """Method doc."""\n    return "not a docstring"\n\n\ndef g():\n  x = 1\n')
+  assert data.docstrings_of(source) == "Module doc.\n\nClass doc.\n\nindented line\n\nMethod doc."
+  assert data.docstrings_of("def broken(:\n") == ""
+  documents = data.tokenized_documents("validation", text="docstrings", max_files=3)
+  sources = [corpus.read_text(None, p) for p in corpus.split_files("validation")[:3]]
+  assert len(documents) <= 3 and sum(d.size for d in documents) < sum(len(s.encode()) for s in sources) / 2
+  with pytest.raises(ValueError, match="text='html'"):
+    data.tokenized_documents("validation", text="html")
