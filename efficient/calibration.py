@@ -52,13 +52,14 @@ def einsum_modules(model: nnx.Module, pattern: str = ".*", *, types=LINEAR_TYPES
   matches `pattern` in full (`re.fullmatch`, as qwix's rules), in a deterministic (natural path) order."""
   regex = _compile(pattern, "pattern")
   found = {path_str(p): m for p, m in nnx.iter_graph(model) if isinstance(m, types)}
-  return {p: found[p] for p in sorted(found, key=_natural_key) if regex.fullmatch(p)}
+  return {p: found[p] for p in sorted(found, key=natural_key) if regex.fullmatch(p)}
 
 
 linear_modules = einsum_modules
 
 
-def _natural_key(path: str):
+def natural_key(path: str):
+  """Sort key of a module path with numeric parts compared as numbers ('blocks/2' before 'blocks/10')."""
   return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in path.split("/")]
 
 
@@ -252,6 +253,14 @@ def inputs_as_rows(equation: str, x):
   moved = jnp.transpose(x, perm)
   batch_shape = moved.shape[:len(spec["batch"])]
   return moved.reshape(*batch_shape, -1), batch_shape
+
+
+def inputs_from_rows(equation: str, rows, x_shape) -> jax.Array:
+  """Inverse of `inputs_as_rows`: [tokens..., in_features] -> the einsum's input layout of shape `x_shape`."""
+  spec = parse_equation(concrete_equation(equation, len(x_shape)))
+  perm = tuple(spec["lhs"].index(a) for a in spec["batch"] + spec["contract"])
+  moved = rows.reshape(tuple(x_shape[i] for i in perm))
+  return jnp.transpose(moved, np.argsort(perm))
 
 
 def outputs_from_matrix(equation: str, y2, x_shape, kernel_shape_) -> jax.Array:

@@ -293,3 +293,19 @@ class WorkdirLock:
     fcntl.flock(self._file, fcntl.LOCK_UN)
     self._file.close()
     self._file = None
+
+
+def save_with_manifest(directory: Path, tree: Any, record: dict, *, manifest_file: str, arrays_dir: str,
+                       what: str, force: bool) -> dict:
+  """Saves `tree` (orbax) under directory/arrays_dir, then `record` as directory/manifest_file -- the manifest last,
+  so a checkpoint whose arrays did not finish has none and is refused on load. `what` names the checkpoint kind
+  in the error for an existing one (overwritten only with `force`). Returns `record`."""
+  if (directory / manifest_file).exists() and not force:
+    raise ValueError(f"directory={str(directory)!r} already holds {what}; pass force=True to overwrite it.")
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / arrays_dir, tree, force=force)
+  checkpointer.wait_until_finished()
+  if jax.process_index() == 0:
+    (directory / manifest_file).write_text(json.dumps(record, indent=1, sort_keys=True))
+  return record

@@ -302,7 +302,9 @@ def make_train_step(state: TrainState) -> Callable:
 
   def counted_loss_fn(params, rest, batch):
     """The loss, and the RNG counters the forward advanced (dropout in adapters draws a fresh mask per step)."""
-    model = nnx.merge(graphdef, params, rest)
+    # copy=True: fresh variables at this trace level, which the RNG streams may then advance (rest is not
+    # differentiated, so its variables would otherwise be the caller's, from another trace).
+    model = nnx.merge(graphdef, params, rest, copy=True)
     loss, tokens = batch_loss(model, batch)
     return loss, (tokens, nnx.state(model, nnx.RngCount))
 
@@ -471,8 +473,8 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
                          + ". Use the same values, another workdir, or allow_config_change=True.")
       iterator.restore(meta["data_state"])
       state.params, state.opt_state, state.step = tree["params"], tree["opt_state"], int(meta["step"])
-      if "rng_counts" in tree:
-        state.rest = nnx.merge_state(state.rest, tree["rng_counts"])
+      if "rngs" in tree:
+        state.rest = _with_rng_state(state.rest, tree["rngs"])
       skipped = int(meta.get("skipped_nonfinite_steps", 0))
     truncate_metrics(metrics_path, state.step)  # a fresh start (step 0) clears a crashed run's log
     if changes:
@@ -491,12 +493,29 @@ def _train_locked(model, data, config, workdir, mesh, rules, until_step, progres
 
 def _checkpoint_tree(state: TrainState) -> dict:
   """What a checkpoint holds: trained params, optimizer state and (when the model has RNG streams, e.g. adapter
-  dropout) their counters, so a resumed run draws the masks the uninterrupted one would."""
+  dropout) their keys and counters, so a resumed run draws the masks the uninterrupted one would."""
   tree = {"params": state.params, "opt_state": state.opt_state}
-  rng_counts = nnx.filter_state(state.rest, nnx.RngCount)
-  if jax.tree.leaves(rng_counts):
-    tree["rng_counts"] = rng_counts
+  rngs = _rng_state(state.rest)
+  if jax.tree.leaves(rngs):
+    tree["rngs"] = rngs
   return tree
+
+
+def _is_key(x) -> bool:
+  return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _rng_state(rest):
+  """The model's RNG streams (keys as their raw uint32 data, which orbax stores) and counters."""
+  return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, nnx.filter_state(rest, nnx.RngState))
+
+
+def _with_rng_state(rest, saved):
+  """`rest` with its RNG streams replaced by a checkpoint's (`_rng_state`'s layout)."""
+  current = nnx.filter_state(rest, nnx.RngState)
+  restored = jax.tree.map(lambda now, new: jax.random.wrap_key_data(new, impl=jax.random.key_impl(now))
+                          if _is_key(now) else new, current, saved)
+  return nnx.merge_state(rest, restored)
 
 
 def _loop(state, iterator, config, until_step, progress, checkpoints, guard, metrics_path, history, meta):

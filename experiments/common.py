@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 
+from efficient.models import llama
+
 
 @dataclasses.dataclass
 class Claim:
@@ -123,6 +125,17 @@ def config_list(config, name: str, cast: Callable[[str], Any] = str) -> list:
   if not values:
     raise ValueError(f"--config.{name} is empty; expected a comma-separated list of {cast.__name__}.")
   return values
+
+
+def small_llama(config) -> llama.LlamaConfig:
+  """`llama.SMALL` on bytes (vocab 256) at `--config.embed_dim` / `num_layers` (MLP 3x wide, head_dim from the
+  heads), long enough for `--config.seq_len`: the from-scratch model of the training experiments."""
+  heads = llama.SMALL.num_heads
+  if config.embed_dim % heads:
+    raise ValueError(f"--config.embed_dim={config.embed_dim} must be a multiple of {heads} heads.")
+  return llama.SMALL.replace(vocab_size=256, embed_dim=config.embed_dim, head_dim=config.embed_dim // heads,
+                             mlp_dim=3 * config.embed_dim, num_layers=config.num_layers,
+                             max_seq_len=max(config.seq_len, 128))
 
 
 def check_finite_config(config, prefix: str = "") -> None:

@@ -90,7 +90,7 @@ def adapt(row: str, model: nnx.Module, config) -> dict:
     return peft.add_adapters(model, [(BLOCK_PROJECTIONS, lora)], seed=config.seed)
   if row == "qlora":
     quant = QuantConfig(fmt="nf4", group_size=config.nf4_group_size, double_quant=True)
-    return peft.qlora(model, [(BLOCK_PROJECTIONS, None)], quant=quant, lora=lora, seed=config.seed)
+    return peft.qlora(model, BLOCK_PROJECTIONS, quant=quant, lora=lora, seed=config.seed)
   if row == "dora":
     return peft.add_adapters(model, [(BLOCK_PROJECTIONS, peft.LoRAConfig(rank=config.lora_rank,
                                                                           alpha=config.lora_alpha, dora=True))],

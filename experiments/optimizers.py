@@ -98,12 +98,7 @@ def _learning_rates(config, field: str) -> dict[str, float]:
 
 
 def _architecture(config) -> llama.LlamaConfig:
-  heads = llama.SMALL.num_heads
-  if config.embed_dim % heads:
-    raise ValueError(f"--config.embed_dim={config.embed_dim} must be a multiple of {heads} heads.")
-  return llama.SMALL.replace(vocab_size=256, embed_dim=config.embed_dim, head_dim=config.embed_dim // heads,
-                             mlp_dim=3 * config.embed_dim, num_layers=config.num_layers,
-                             max_seq_len=max(config.seq_len, 128))
+  return common.small_llama(config)
 
 
 def measure_optimizer(model: nnx.Module, train_config: train.TrainConfig, batch: dict) -> dict:

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient import nn
+from efficient import activations, nn
 from efficient.attention import core, softmax
 from efficient.attention.core import AttentionFn
 from efficient.models import config_dict
@@ -37,6 +37,9 @@ from pallas_kernels.flash_attention import IMPLEMENTATIONS as FLASH_IMPLEMENTATI
 
 ACTIVATIONS = {"gelu": lambda x: jax.nn.gelu(x, approximate=False),  # Hugging Face's 'gelu' is the erf form
                "gelu_new": lambda x: jax.nn.gelu(x, approximate=True), "relu": jax.nn.relu}
+# The same activations keeping int8 codes of their input for the backward (efficient.activations, Mesa).
+INT8_SAVED_ACTIVATIONS = {"gelu": activations.int8_saved_gelu,
+                          "gelu_new": functools.partial(activations.int8_saved_gelu, approximate=True)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +61,8 @@ class BertConfig:
   # on TPU/GPU, the XLA chunked path on CPU; 'reference': the materialized [T, T] softmax).
   attention_implementation: str | None = None
   init_std: float = 0.02
+  # 'int8': the MLP's GELU saves int8 codes of its input for the backward (Mesa); the forward is unchanged.
+  saved_activations: str = "float"
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "mlp_dim", "max_positions",
@@ -72,6 +77,11 @@ class BertConfig:
     if self.attention_implementation not in (None, *FLASH_IMPLEMENTATIONS):
       raise ValueError(f"BertConfig.attention_implementation={self.attention_implementation!r}; choose None "
                        f"(the policy) or one of {FLASH_IMPLEMENTATIONS}.")
+    activations.check_choice(self.saved_activations, activations.SAVED_ACTIVATIONS,
+                             name="BertConfig.saved_activations")
+    if self.saved_activations == "int8" and self.activation not in INT8_SAVED_ACTIVATIONS:
+      raise ValueError(f"BertConfig.saved_activations='int8' needs activation in {sorted(INT8_SAVED_ACTIVATIONS)}, "
+                       f"got activation={self.activation!r}.")
 
   @property
   def head_dim(self) -> int:
@@ -80,8 +90,8 @@ class BertConfig:
   def replace(self, **changes) -> "BertConfig":
     return dataclasses.replace(self, **changes)
 
-  def to_dict(self) -> dict:
-    return config_dict.to_dict(self)
+  def to_dict(self) -> dict:  # saved_activations left out at its default: existing signatures hold
+    return config_dict.to_dict(self, omit_at_default={"saved_activations": "float"})
 
   def mixer_spec(self) -> core.MixerSpec:
     """The attention layer's spec: multi-head (H_kv = H), no RoPE, non-causal."""
@@ -134,7 +144,7 @@ class MLP(nnx.Module):
 
   def __init__(self, config: BertConfig, *, rngs: nnx.Rngs):
     c = config
-    self.activation = ACTIVATIONS[c.activation]
+    self.activation = (INT8_SAVED_ACTIVATIONS if c.saved_activations == "int8" else ACTIVATIONS)[c.activation]
     self.up = _einsum("btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), c, rngs)  # HF 'intermediate'
     self.down = _einsum("btf,fd->btd", (c.mlp_dim, c.embed_dim), ("mlp", "embed"), c, rngs)  # HF 'output'
 

@@ -18,16 +18,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from efficient import nn
+from efficient import activations, nn
 from efficient.attention import core, mixers
 from efficient.attention.core import EMPTY_POSITION, AttentionFn  # noqa: F401  (re-exported for users)
 from efficient.models import config_dict
 from efficient.quant import kv_cache as _kv_cache  # noqa: F401  registers the int8/int4 KV-cache codecs
 
-# Fields added for per-layer attention; `to_dict` leaves them out at their defaults so signatures of existing
-# checkpoints (and everything keyed on them) are unchanged for the plain softmax model.
-_MIXER_FIELDS = {"attention": "softmax", "attention_schedule": None, "sliding_window": None,
-                 "linear_attention": None, "based": None, "attention_implementation": None}
+# Fields added after the first checkpoints (per-layer attention, activation memory); `to_dict` leaves them out at
+# their defaults so signatures of existing checkpoints (and everything keyed on them) are unchanged.
+_OMIT_AT_DEFAULT = {"attention": "softmax", "attention_schedule": None, "sliding_window": None,
+                    "linear_attention": None, "based": None, "attention_implementation": None,
+                    "remat": "none", "saved_activations": "float"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +58,11 @@ class LlamaConfig:
   sliding_window: int | None = None
   linear_attention: Any = None
   based: Any = None
+  # Activation memory (efficient.activations): `remat` is the jax.checkpoint policy preset of every block in
+  # training forwards ('none', 'block', 'dots_saveable', 'names'); `saved_activations='int8'` makes the MLP's
+  # SiLU keep int8 codes of its input for the backward (Mesa). Neither changes the forward's numbers.
+  remat: str = "none"
+  saved_activations: str = "float"
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -74,6 +80,9 @@ class LlamaConfig:
     windowed = sorted(kind for kind in set(kinds) if mixers.get_mixer(kind).needs_window)
     if self.sliding_window is None and windowed:
       raise ValueError(f"LlamaConfig.sliding_window is required by {windowed} layers (schedule {kinds}).")
+    activations.check_choice(self.remat, activations.REMAT_POLICIES, name="LlamaConfig.remat")
+    activations.check_choice(self.saved_activations, activations.SAVED_ACTIVATIONS,
+                             name="LlamaConfig.saved_activations")
 
   def layer_kinds(self) -> tuple[str, ...]:
     """The token mixer of every layer, from `attention_schedule` (comma-separated) or `attention`."""
@@ -102,7 +111,7 @@ class LlamaConfig:
     return dataclasses.replace(self, **changes)
 
   def to_dict(self) -> dict:
-    return config_dict.to_dict(self, omit_at_default=_MIXER_FIELDS)
+    return config_dict.to_dict(self, omit_at_default=_OMIT_AT_DEFAULT)
 
 
 SMOLLM2_135M = LlamaConfig(vocab_size=49152, embed_dim=576, num_layers=30, num_heads=9, num_kv_heads=3,
@@ -131,9 +140,12 @@ class MLP(nnx.Module):
     self.gate = _einsum(c, "btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), rngs=rngs)
     self.up = _einsum(c, "btd,df->btf", (c.embed_dim, c.mlp_dim), ("embed", "mlp"), rngs=rngs)
     self.down = _einsum(c, "btf,fd->btd", (c.mlp_dim, c.embed_dim), ("mlp", "embed"), rngs=rngs)
+    self.saved_activations = c.saved_activations  # 'int8': the SiLU saves int8 codes of its input (Mesa)
 
   def __call__(self, x):
-    return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
+    silu = activations.activation("silu", self.saved_activations)
+    hidden = activations.checkpoint_name(silu(self.gate(x)) * self.up(x), activations.MLP_HIDDEN)
+    return self.down(hidden)
 
 
 class Block(nnx.Module):
@@ -147,7 +159,7 @@ class Block(nnx.Module):
 
   def __call__(self, x, **attention_kwargs):
     attended, cache = self.attention(self.attention_norm(x), **attention_kwargs)
-    x = x + attended
+    x = x + activations.checkpoint_name(attended, activations.ATTENTION_OUT)
     return x + self.mlp(self.mlp_norm(x)), cache
 
 
@@ -204,8 +216,12 @@ class Llama(nnx.Module):
       lengths = jnp.full((batch,), index + length, jnp.int32) if contiguous else None
       kwargs.update(cache_positions=cache_positions, cache_segment_ids=cache_segment_ids, cache_index=index,
                     cache_lengths=lengths)
+    policy = activations.checkpoint_policy(self.config.remat)
     for i, block in enumerate(self.blocks):
-      x, layer_cache = block(x, cache=None if cache is None else cache["layers"][i], **kwargs)
+      if cache is None and policy is not None:
+        x, layer_cache = _remat_block(block, x, policy, kwargs)
+      else:
+        x, layer_cache = block(x, cache=None if cache is None else cache["layers"][i], **kwargs)
       new_layers.append(layer_cache)
     x = self.final_norm(x)
     head = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
@@ -216,6 +232,18 @@ class Llama(nnx.Module):
     if segment_ids is not None:
       new_cache["segment_ids"] = cache_segment_ids
     return logits, new_cache
+
+
+def _remat_block(block: Block, x, policy, kwargs: dict):
+  """`block(x, **kwargs)` under `nnx.remat(policy=)`: arrays (x, positions, segment ids) are its arguments, the
+  rest (the attention function) rides in by closure. Same forward; the backward recomputes what `policy` drops."""
+  arrays = {name: kwargs[name] for name in ("positions", "segment_ids")}
+  static = {name: value for name, value in kwargs.items() if name not in arrays}
+
+  def run(block, x, arrays):
+    return block(x, cache=None, **arrays, **static)
+
+  return nnx.remat(run, policy=policy)(block, x, arrays)
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, *, dtype=None, with_segment_ids=False,

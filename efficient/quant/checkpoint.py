@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from efficient.checkpointing import save_with_manifest
 from efficient.quant import layers
 from efficient.quant.qarray import QArray
 
@@ -117,19 +118,9 @@ def _describe(entry: dict) -> str:
 def save_quantized(model: nnx.Module, directory, *, force: bool = False) -> dict:
   """Saves `model`'s state (orbax) and its manifest under `directory`; returns the manifest. `force`: overwrite
   an existing checkpoint there."""
-  directory = Path(directory).absolute()
-  if (directory / MANIFEST_FILE).exists() and not force:
-    raise ValueError(f"directory={str(directory)!r} already holds a quantized checkpoint; pass force=True to "
-                     f"overwrite it.")
-  directory.mkdir(parents=True, exist_ok=True)
-  record = manifest(model)
   _, state = nnx.split(model)
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / ARRAYS_DIR, state, force=force)
-  checkpointer.wait_until_finished()
-  if jax.process_index() == 0:  # after the arrays: a checkpoint without its manifest is refused on load
-    (directory / MANIFEST_FILE).write_text(json.dumps(record, indent=1, sort_keys=True))
-  return record
+  return save_with_manifest(Path(directory).absolute(), state, manifest(model), manifest_file=MANIFEST_FILE,
+                            arrays_dir=ARRAYS_DIR, what="a quantized checkpoint", force=force)
 
 
 def read_manifest(directory) -> dict:
