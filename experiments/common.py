@@ -1,6 +1,7 @@
 """What every experiment shares: the workdir, version info, side-by-side timing, results.json / results.md."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import importlib.metadata
@@ -8,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -52,6 +54,25 @@ def environment() -> dict:
       "versions": versions,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
+
+
+@contextlib.contextmanager
+def compilation_cache(directory: str):
+  """JAX's persistent compilation cache in `directory` (removed afterwards) while the block runs: an experiment
+  that compiles a step ahead of time to read its memory analysis (`lower().compile()`) and then runs the same
+  jitted step gets the second compilation from the cache instead of compiling twice."""
+  names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+           "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: getattr(jax.config, name) for name in names}
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  try:
+    yield directory
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict:

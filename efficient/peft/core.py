@@ -146,8 +146,8 @@ def add_adapters(model: nnx.Module, rules, *, rngs: nnx.Rngs | None = None, seed
   rules: (path regex, AdapterConfig | None) pairs or a {regex: config} mapping (first full match wins; None
   leaves the layer alone; a rule matching no layer is a ValueError). Float and quantized (`QuantizedEinsum`)
   layers are both matched, so quantize first for QLoRA; the base layers inside existing wrappers are skipped (a
-  second call adds adapters elsewhere, never an adapter around an adapter's base). Adapter initializations draw from `rngs` (default
-  `nnx.Rngs(seed)`).
+  second call adds adapters elsewhere, never an adapter around an adapter's base). Adapter initializations draw
+  from `rngs` (default `nnx.Rngs(seed)`).
   """
   rngs = rngs if rngs is not None else nnx.Rngs(seed)
   matched = calibration.match_rules(model, rules, config_type=AdapterConfig, types=ADAPTABLE_TYPES)
