@@ -105,3 +105,19 @@ def test_sharded_lora_fine_tuning_equals_one_device():
   np.testing.assert_allclose(losses_mesh, losses_one, rtol=1e-5)
   for path, want in adapters_one.items():
     np.testing.assert_allclose(adapters_mesh[path], want, rtol=1e-4, atol=1e-5 * np.abs(want).max(), err_msg=path)
+
+
+def test_adapters_train_with_8bit_adam_state():
+  """QLoRA's recipe on the optimizer side: adapter moments held as 8-bit codes (bitsandbytes' layout)."""
+  config = dataclasses.replace(CONFIG, optimizer="adam8bit", min_quantized_size=256, block_size=64)
+  model = _adapted()
+  state = training.init_train_state(model, config)
+  leaves = jax.tree.leaves(state.opt_state)
+  codes = [x for x in leaves if getattr(x, "dtype", None) == np.uint8]
+  big = [x for x in jax.tree.leaves(state.params) if x.size >= 256]
+  assert big and len(codes) == 2 * len(big)   # m and v codes for every adapter of >= 256 elements
+  assert sum(x.nbytes for x in codes) == 2 * sum(x.size for x in big)
+  batch = _corpus().batch(0)
+  step = training.make_train_step(state)
+  losses = [float(training.apply_train_step(state, step, batch)["loss"]) for _ in range(3)]
+  assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
