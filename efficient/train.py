@@ -50,7 +50,7 @@ from efficient.data.packing import BatchIterator, BatchSource
 
 # Fields of a model config that change how a model runs, not what its parameters mean: a checkpoint may resume
 # under another value (e.g. a TPU kernel on a TPU, the XLA path on a CPU).
-EXECUTION_ONLY_CONFIG_FIELDS = ("norm_implementation",)
+EXECUTION_ONLY_CONFIG_FIELDS = ("norm_implementation", "remat")  # remat: same numbers, other memory/time
 # TrainConfig fields a resumed run must share with its checkpoint (others -- total_steps extends a run, the
 # checkpoint and log cadence, skip_nonfinite_steps -- may change freely).
 RESUME_FIXED_FIELDS = ("learning_rate", "warmup_steps", "final_learning_rate_fraction", "weight_decay", "b1", "b2",

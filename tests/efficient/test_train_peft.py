@@ -121,3 +121,10 @@ def test_adapters_train_with_8bit_adam_state():
   step = training.make_train_step(state)
   losses = [float(training.apply_train_step(state, step, batch)["loss"]) for _ in range(3)]
   assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+def test_remat_is_execution_only_for_checkpoints():
+  """A run may resume under another remat preset (same numbers), not under int8-saved activations."""
+  plain = training.model_signature(Llama(TINY, rngs=nnx.Rngs(0)))
+  assert training.model_signature(Llama(TINY.replace(remat="block"), rngs=nnx.Rngs(0))) == plain
+  assert training.model_signature(Llama(TINY.replace(saved_activations="int8"), rngs=nnx.Rngs(0))) != plain
