@@ -16,6 +16,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 
 from efficient.models import llama
 
@@ -64,6 +65,9 @@ def compilation_cache(directory: str):
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
   saved = {name: getattr(jax.config, name) for name in names}
+  # JAX opens its cache once, at the first compilation after the directory is set: reset on the way in and out so
+  # this block gets its own cache and later compilations go back to none.
+  compilation_cache_lib.reset_cache()
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
@@ -72,6 +76,7 @@ def compilation_cache(directory: str):
   finally:
     for name, value in saved.items():
       jax.config.update(name, value)
+    compilation_cache_lib.reset_cache()
     shutil.rmtree(directory, ignore_errors=True)
 
 

@@ -315,8 +315,10 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if config[field] < 1:
       raise ValueError(f"--config.{field} must be >= 1, got {config[field]}.")
   started = time.perf_counter()
-  part1 = part_one(config, workdir, names)
-  part2 = part_two(config, workdir, smollm2_names) if smollm2_names else None
+  # Each run's step is compiled for its memory analysis, then by the trainer: the second is a cache hit.
+  with common.compilation_cache(os.path.join(workdir, "compilation_cache")):
+    part1 = part_one(config, workdir, names)
+    part2 = part_two(config, workdir, smollm2_names) if smollm2_names else None
   plot = _plot(workdir, part1)
   base = part1["rows"].get("adamw")
   tables = {"Part 1: small Llama from scratch (stdlib bytes)": _table(
