@@ -27,7 +27,6 @@ import os
 import shutil
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -79,10 +78,6 @@ def _rows(config, field: str) -> list[str]:
   return names
 
 
-def architecture(config) -> llama.LlamaConfig:
-  return common.small_llama(config)
-
-
 def frozen_blocks(config) -> int:
   return config.frozen_blocks or config.num_layers // 2
 
@@ -95,7 +90,7 @@ def freeze_regex(blocks: int) -> str:
 
 def row_configs(config, name: str) -> tuple[llama.LlamaConfig, train.TrainConfig]:
   remat, saved, frozen = ROWS[name]
-  model_config = architecture(config).replace(remat=remat, saved_activations=saved)
+  model_config = common.small_llama(config).replace(remat=remat, saved_activations=saved)
   train_config = train.TrainConfig(
       learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, total_steps=config.steps,
       batch_size=config.batch_size, seq_len=config.seq_len, checkpoint_every=config.steps, keep_checkpoints=1,
@@ -330,7 +325,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # remat rows compute what 'none' computes: their losses after the identical timed steps must agree
   none_loss_check = {name: abs(rows[name]["timed_loss"] - rows["none"]["timed_loss"]) for name in names
                      if "none" in rows and ROWS[name][1:] == ROWS["none"][1:]}
-  shape = (config.batch_size, config.seq_len, architecture(config).mlp_dim)
+  shape = (config.batch_size, config.seq_len, common.small_llama(config).mlp_dim)
   silu = silu_residual_bytes(shape)
   held_out = data.stdlib_dataset("validation", batch_size=config.batch_size, seq_len=config.seq_len)
   validation = [held_out.batch(s) for s in range(config.eval_batches)]
@@ -343,7 +338,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   shutil.rmtree(os.path.join(workdir, "runs"), ignore_errors=True)
   plot = _plot(workdir, rows, trained)
   layers = config.num_layers
-  results = {"model": architecture(config).to_dict(), "rows": rows, "trained": trained, "silu_residuals": silu,
+  results = {"model": common.small_llama(config).to_dict(), "rows": rows, "trained": trained, "silu_residuals": silu,
              "remat_loss_check": none_loss_check, "frozen_blocks": frozen_blocks(config),
              "wall_seconds": time.perf_counter() - started, "corpus": data.corpus_info()}
   notes = ("Activation bytes are the saved residuals of the trainer's loss (jax.ad_checkpoint.saved_residuals, "

@@ -153,6 +153,24 @@ def config_list(config, name: str, cast: Callable[[str], Any] = str) -> list:
   return values
 
 
+def learning_rates(config, field: str, names: Sequence[str], *, what: str) -> dict[str, float]:
+  """`--config.<field>` = 'name=lr,...' (blank: none) as {name: lr}: every name one of `names` (`what` says what a
+  name is, e.g. 'optimizer'), every rate a positive finite number; a ValueError naming the flag otherwise."""
+  rates = {}
+  for item in config_list(config, field) if str(config[field]).strip() else []:
+    name, _, value = item.partition("=")
+    if name not in names or not value:
+      raise ValueError(f"--config.{field}: {item!r} must be '{what}=learning_rate' with a {what} of "
+                       f"{tuple(names)}.")
+    try:
+      rates[name] = float(value)
+    except ValueError:
+      raise ValueError(f"--config.{field}: {item!r}: {value!r} is not a number.") from None
+    if not (math.isfinite(rates[name]) and rates[name] > 0):
+      raise ValueError(f"--config.{field}: {item!r}: the learning rate must be a positive finite number.")
+  return rates
+
+
 def small_llama(config) -> llama.LlamaConfig:
   """`llama.SMALL` on bytes (vocab 256) at `--config.embed_dim` / `num_layers` (MLP 3x wide, head_dim from the
   heads), long enough for `--config.seq_len`: the from-scratch model of the training experiments."""

@@ -69,12 +69,7 @@ def _load(config):
 
 
 def _learning_rates(config) -> dict[str, float]:
-  rates = {}
-  for item in common.config_list(config, "learning_rates"):
-    name, _, value = item.partition("=")
-    if name not in ROWS or not value:
-      raise ValueError(f"--config.learning_rates: {item!r} must read '<row>=<lr>' with a row of {ROWS}.")
-    rates[name] = float(value)
+  rates = common.learning_rates(config, "learning_rates", ROWS, what="row")
   missing = [row for row in ROWS if row not in rates]
   if missing:
     raise ValueError(f"--config.learning_rates has no rate for rows {missing}.")
@@ -123,11 +118,12 @@ def _datasets(config, tokenizer):
   return dataset, [held_out.batch(s) for s in range(config.eval_batches)]
 
 
-def run_row(row, base, dataset, validation, config, learning_rate, workdir) -> dict:
+def run_row(row, base, base_eval, dataset, validation, config, learning_rate, workdir) -> dict:
   model = nnx.clone(base)
   added = adapt(row, model, config)
   train_config = _train_config(config, row, learning_rate)
-  before = train.evaluate(model, validation)  # the adapted model at init (QLoRA: the quantized base)
+  # A full row starts from the base itself; an adapted one is measured at init (QLoRA: the quantized base).
+  before = base_eval if not added else train.evaluate(model, validation)
   result = run_one(row, model, dataset, validation, train_config, workdir, keep_checkpoints=config.keep_checkpoints)
   return dict(result, learning_rate=learning_rate, adapted_layers=len(added), validation_before=before,
               trainable_parameters=result["parameters"], parameter_bytes=measure.parameter_bytes(model)["total"])
@@ -232,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   with common.compilation_cache(os.path.join(workdir, "compilation_cache")):
     for row in rows_wanted:
       print(f"[finetune] {row}: lr {rates[row]:g}, {config.steps} steps", flush=True)
-      rows[row] = run_row(row, base, dataset, validation, config, rates[row], workdir)
+      rows[row] = run_row(row, base, base_eval, dataset, validation, config, rates[row], workdir)
       r = rows[row]
       print(f"  trainable {r['trainable_parameters']:,}, ppl {r['validation_before']['perplexity']:.3f} -> "
             f"{r['validation']['perplexity']:.3f}, step {r['step_seconds']:.2f} s", flush=True)

@@ -20,7 +20,6 @@ import os
 import shutil
 import time
 
-import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -81,26 +80,6 @@ def _optimizer(row: str) -> tuple[str, bool]:
   return name, suffix == "stable"
 
 
-def _learning_rates(config, field: str) -> dict[str, float]:
-  rates = {}
-  for item in common.config_list(config, field) if str(config[field]).strip() else []:
-    name, _, value = item.partition("=")
-    if name not in optim.OPTIMIZERS or not value:
-      raise ValueError(f"--config.{field}: {item!r} must be 'optimizer=learning_rate' with an optimizer of "
-                       f"{optim.OPTIMIZERS}.")
-    try:
-      rates[name] = float(value)
-    except ValueError:
-      raise ValueError(f"--config.{field}: {item!r}: {value!r} is not a number.") from None
-    if not (math.isfinite(rates[name]) and rates[name] > 0):
-      raise ValueError(f"--config.{field}: {item!r}: the learning rate must be a positive finite number.")
-  return rates
-
-
-def _architecture(config) -> llama.LlamaConfig:
-  return common.small_llama(config)
-
-
 def measure_optimizer(model: nnx.Module, train_config: train.TrainConfig, batch: dict) -> dict:
   """State bytes (real pytree) and the compiled step's memory, for `model` under `train_config`'s optimizer."""
   state = train.init_train_state(nnx.clone(model), train_config)
@@ -151,8 +130,8 @@ def _train_config(config, row, learning_rate, *, steps, warmup, batch_size, seq_
 
 
 def part_one(config, workdir, names) -> dict:
-  architecture = _architecture(config)
-  rates = _learning_rates(config, "learning_rates")
+  architecture = common.small_llama(config)
+  rates = common.learning_rates(config, "learning_rates", optim.OPTIMIZERS, what="optimizer")
   held_out = data.stdlib_dataset("validation", batch_size=config.batch_size, seq_len=config.seq_len)
   validation = [held_out.batch(s) for s in range(config.eval_batches)]
   # (row name, optimizer row, seed): every optimizer at config.seed, then AdamW at other seeds (model init and
@@ -180,7 +159,8 @@ def part_one(config, workdir, names) -> dict:
 
 def part_two(config, workdir, names) -> dict:
   loaded = models.load(config.smollm2_model, dtype=jnp.float32)
-  rates = _learning_rates(config, "smollm2_learning_rates")
+  rates = common.learning_rates(config, "smollm2_learning_rates", optim.OPTIMIZERS,
+                                what="optimizer")
   count = config.smollm2_steps + config.smollm2_eval_batches
   tokens = count * config.smollm2_batch_size * config.smollm2_seq_len * 2
   dataset = data.stdlib_dataset("train", batch_size=config.smollm2_batch_size, seq_len=config.smollm2_seq_len,

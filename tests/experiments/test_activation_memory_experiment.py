@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments import activation_memory
+from experiments import activation_memory, common
 
 
 def _toy_config(**overrides):
@@ -21,7 +21,7 @@ def test_toy_run_writes_results_and_rederives_numbers(tmp_path):
   results = json.loads((tmp_path / "results.json").read_text())["results"]
   rows = results["rows"]
   assert list(rows) == ["none", "block", "frozen_half"]
-  a = activation_memory.architecture(_toy_config())
+  a = common.small_llama(_toy_config())
   d, h, kv, hd, f, v = a.embed_dim, a.num_heads, a.num_kv_heads, a.head_dim, a.mlp_dim, a.vocab_size
   block = h * d * hd + 2 * kv * d * hd + h * hd * d + 3 * d * f + 2 * d  # q, k, v, o, gate/up/down, two norms
   # tied embedding + blocks + final norm; the frozen row trains neither the embedding nor block 0

@@ -43,6 +43,7 @@ def test_toy_run_counts_trainable_parameters_and_state(tmp_path):
     ("rows", "lora,bitfit", "unknown row 'bitfit'"),
     ("steps", 0, "--config.steps must be >= 1"),
     ("learning_rates", "lora=1e-3", "no rate for rows"),
+    ("learning_rates", finetune.DEFAULT_LEARNING_RATES.replace("lora=1e-3", "lora=fast"), "'fast' is not a number"),
 ])
 def test_bad_config_is_refused(tmp_path, field, value, message):
   with pytest.raises(ValueError, match=message):

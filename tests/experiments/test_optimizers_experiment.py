@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from experiments import optimizers
+from experiments import common, optimizers
 
 
 def _toy_config(**overrides):
@@ -36,7 +36,7 @@ def test_toy_run_writes_results_and_measures_real_state_bytes(tmp_path):
     assert (tmp_path / name).exists(), name
   saved = json.loads((tmp_path / "results.json").read_text())["results"]["part1"]["rows"]
   assert list(saved) == ["adamw", "adam8bit", "mezo"]
-  architecture = optimizers._architecture(_toy_config())
+  architecture = common.small_llama(_toy_config())
   d, h, kv, hd, f, v = (architecture.embed_dim, architecture.num_heads, architecture.num_kv_heads,
                         architecture.head_dim, architecture.mlp_dim, architecture.vocab_size)
   # Llama, one layer, tied embedding: embedding, attention q/k/v/o, MLP gate/up/down, two block norms, final norm
