@@ -10,14 +10,16 @@ which writes the new k/v [B, T, H_kv, D] at slot `index`, then attends q over it
 are exactly the keys each sequence sees (plain left-to-right decoding, no segments): a one-token step can then
 read the cache through `pallas_kernels.flash_decode` instead of masking all S slots.
 
-Storage is a codec, chosen by name when the cache is made (`make_layer_cache(kv_format, ...)`): 'float'
+Storage is a codec, chosen when the cache is made (`make_layer_cache(kv_format, ...)`): by name, 'float'
 (`FloatKVCache`, here) and whatever else registers itself with `register_kv_format` (`efficient.quant.kv_cache`
-registers 'int8' and 'int4'; paged and budgeted caches arrive the same way). A model calls the interface and
-never looks at the storage.
+registers 'int8' and 'int4'); or by a `KVFormat` object, a frozen (hashable, so it can be a static jit
+argument) description with its own options whose `create(batch, max_len, num_kv_heads, head_dim, *, dtype,
+group_size)` returns the layer cache (paged and budgeted caches are made this way). A model calls the interface
+and never looks at the storage.
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
@@ -59,6 +61,15 @@ class FloatKVCache:
                   q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids), new
 
 
+@runtime_checkable
+class KVFormat(Protocol):
+  """A KV-cache storage described by an object (e.g. a paged or budgeted cache with its options): frozen and
+  hashable; `name` says what it is in results and errors."""
+  name: str
+
+  def create(self, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype, group_size): ...
+
+
 _KV_FORMATS: dict[str, Callable] = {"float": FloatKVCache.create}
 
 
@@ -72,11 +83,70 @@ def kv_formats() -> tuple[str, ...]:
   return tuple(_KV_FORMATS)
 
 
-def make_layer_cache(kv_format: str | None, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *,
-                     dtype=jnp.float32, group_size: int | None = None):
-  """An empty layer cache of `kv_format` (None: 'float')."""
+def make_layer_cache(kv_format: "str | KVFormat | None", batch: int, max_len: int, num_kv_heads: int,
+                     head_dim: int, *, dtype=jnp.float32, group_size: int | None = None):
+  """An empty layer cache of `kv_format` (None: 'float'; a registered name; or a `KVFormat` object)."""
+  if kv_format is not None and not isinstance(kv_format, str):
+    if not isinstance(kv_format, KVFormat):
+      raise ValueError(f"kv_format={kv_format!r} must be None, a registered name {kv_formats()} or a KVFormat "
+                       f"object (with .name and .create(...)).")
+    return kv_format.create(batch, max_len, num_kv_heads, head_dim, dtype=dtype, group_size=group_size)
   name = "float" if kv_format is None else kv_format
   if name not in _KV_FORMATS:
     raise ValueError(f"kv_format={kv_format!r} is not a registered KV-cache format; choose None or one of "
                      f"{kv_formats()} (quantized formats register when efficient.quant.kv_cache is imported).")
   return _KV_FORMATS[name](batch, max_len, num_kv_heads, head_dim, dtype=dtype, group_size=group_size)
+
+
+# --- per-token storage: what caches that move or drop single slots (paged, budgeted) store ---------------------
+# A token format encodes k, v [..., Hkv, D] into a dict of arrays that all share every leading axis of k
+# ([..., Hkv]) and differ only in the last one, so gathering, scattering or paging slots is one `jax.tree.map`
+# over the leading axes whatever the format. 'float' keeps k/v as they are (in the cache dtype); the quantized
+# formats ('int8', 'int4': asymmetric RTN per token and kv head for both K and V, codes packed along head_dim)
+# register from `efficient.quant.kv_cache`. Per-channel K (KIVI) needs groups of consecutive slots, which a slot
+# that can be evicted or paged on its own does not have: that scheme stays in the contiguous quantized cache.
+
+
+class TokenFormat(Protocol):
+  """encode(k, v, dtype) -> dict of arrays; decode(stored, dtype) -> (k, v); `bits` (None for float)."""
+  name: str
+  bits: int | None
+
+  def encode(self, k, v, dtype) -> dict: ...
+
+  def decode(self, stored: dict, dtype) -> tuple: ...
+
+
+@struct.dataclass
+class FloatTokens:
+  name: str = struct.field(pytree_node=False, default="float")
+  bits: int | None = struct.field(pytree_node=False, default=None)
+
+  def encode(self, k, v, dtype):
+    return {"k": k.astype(dtype), "v": v.astype(dtype)}
+
+  def decode(self, stored, dtype):
+    return stored["k"].astype(dtype), stored["v"].astype(dtype)
+
+
+_TOKEN_FORMATS: dict[str, TokenFormat] = {"float": FloatTokens()}
+
+
+def register_token_format(fmt: TokenFormat) -> None:
+  _TOKEN_FORMATS[fmt.name] = fmt
+
+
+def token_format(name: str | None, *, argument: str = "storage") -> TokenFormat:
+  """The per-token storage format `name` (None: 'float'); a ValueError naming `argument` if unknown."""
+  name = "float" if name is None else name
+  if name not in _TOKEN_FORMATS:
+    raise ValueError(f"{argument}={name!r} is not a per-token KV storage format; choose one of "
+                     f"{tuple(_TOKEN_FORMATS)} (quantized formats register when efficient.quant.kv_cache is "
+                     f"imported).")
+  return _TOKEN_FORMATS[name]
+
+
+def empty_tokens(fmt: TokenFormat, shape, dtype) -> dict:
+  """Zeroed storage of `fmt` for k/v of `shape` [..., Hkv, D], laid out as `fmt.encode` lays them out."""
+  abstract = jax.eval_shape(lambda x: fmt.encode(x, x, dtype), jax.ShapeDtypeStruct(tuple(shape), dtype))
+  return jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), abstract)

@@ -125,6 +125,39 @@ for _format in KV_FORMATS:  # kv_format='int8' / 'int4' in efficient.attention.c
   cache_lib.register_kv_format(_format, functools.partial(init_layer_cache, kv_format=_format))
 
 
+@struct.dataclass
+class QuantizedTokens:
+  """Per-token storage (`efficient.attention.cache.TokenFormat`) for paged and budgeted caches: K and V both
+  asymmetric RTN per token and kv head over head_dim (one f32 scale + uint8 zero point), codes packed along
+  head_dim -> {"k", "k_scale", "k_zero", "v", "v_scale", "v_zero"}, every array [..., Hkv, last]."""
+  name: str = struct.field(pytree_node=False)
+  bits: int = struct.field(pytree_node=False)
+
+  def encode(self, k, v, dtype=None):
+    del dtype  # codes and f32 scales whatever the compute dtype
+    fmt = formats.get(self.name)
+    packing.check_packable(k.shape[-1], fmt.bits, name="head_dim")
+    stored = {}
+    for name, x in (("k", k), ("v", v)):
+      codes, scale, zero = formats.quantize_int(x.astype(jnp.float32), fmt, x.shape[-1], False, False,
+                                                jnp.float32, x.ndim - 1)
+      stored.update({name: codes, f"{name}_scale": scale, f"{name}_zero": zero})
+    return stored
+
+  def decode(self, stored, dtype):
+    fmt = formats.get(self.name)
+    def one(name):
+      codes = stored[name]
+      shape = (*codes.shape[:-1], codes.shape[-1] * 8 // fmt.bits)
+      return formats.dequantize_int(codes, stored[f"{name}_scale"], stored[f"{name}_zero"], fmt, shape,
+                                    len(shape) - 1).astype(dtype)
+    return one("k"), one("v")
+
+
+for _format in KV_FORMATS:  # storage='int8' / 'int4' of paged and budgeted caches
+  cache_lib.register_token_format(QuantizedTokens(name=_format, bits=formats.get(_format).bits))
+
+
 def layer_cache_shardings(layer_cache: QuantizedKVCache, mesh, rules) -> QuantizedKVCache:
   """NamedShardings of a quantized layer cache (the same pytree structure) from the logical axis names of every
   stored array under sharding `rules` (a preset name or rules); a dimension its mesh axis does not divide stays
