@@ -17,6 +17,7 @@ from efficient.attention.core import (EMPTY_POSITION, AttentionFn, MixerSpec, at
 from efficient.attention.flash import flash_attention_fn
 from efficient.attention.fnet import FNetMixer, fnet_mixing
 from efficient.attention.linear import LinearAttention, LinearAttentionConfig
+from efficient.attention.paged import PagedKV
 from efficient.attention.mixers import (Mixer, every_kth_softmax, layer_state_bytes, mixer_kinds,
                                         register_mixer)
 from efficient.attention.softmax import (Attention, WindowAttention, reference_attention_fn,

@@ -36,6 +36,9 @@ class FloatKVCache:
   """k, v [B, S, H_kv, D] in the cache dtype."""
   k: jax.Array
   v: jax.Array
+  # Moving the model cache's index back is a complete rollback (speculative decoding): slots past it are
+  # overwritten before any query reads them. Caches without this attribute must be re-fed instead.
+  rollback_safe = True
 
   @classmethod
   def create(cls, batch: int, max_len: int, num_kv_heads: int, head_dim: int, *, dtype=jnp.float32,

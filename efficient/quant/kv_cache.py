@@ -46,14 +46,16 @@ import functools
 import jax
 import jax.numpy as jnp
 from flax import struct
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from efficient import sharding
 from efficient.attention import cache as cache_lib
+from efficient.attention import flash
 from efficient.attention.core import attend_with_logits, attention_mask, gqa_logits
 from efficient.quant import formats
 from efficient.quant import qarray as qa
 from pallas_kernels import packing
+from pallas_kernels import quant_decode as quant_decode_op
 
 KV_FORMATS = ("int8", "int4")
 DEFAULT_GROUP_SIZE = 32  # KIVI's group size for per-channel keys
@@ -99,8 +101,13 @@ class QuantizedKVCache:
   def update_and_attend(self, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
                         kv_segment_ids=None, kv_lengths=None, attention_fn=None):
     """`update_and_attend(self, ...)`: this cache attends with its own two-view softmax (quantized complete
-    groups, float open group), so the model's `attention_fn` and the flash-decode hint `kv_lengths` are unused."""
-    del kv_lengths, attention_fn
+    groups, float open group), so the model's `attention_fn` is unused. A one-token step with `kv_lengths` (slots
+    [0, length) are exactly what each row sees, no segments) reads the cache in place through
+    `pallas_kernels.quant_decode` (`decode`); anything else takes the masked path over every slot."""
+    del attention_fn
+    if q.shape[1] == 1 and kv_lengths is not None and kv_segment_ids is None:
+      new_cache = write(self, k, v, index=index)
+      return decode(new_cache, q[:, 0], kv_lengths)[:, None], new_cache
     return update_and_attend(self, q, k, v, index=index, q_positions=q_positions, kv_positions=kv_positions,
                              q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
 
@@ -220,14 +227,12 @@ def attend(q, k_quantized, k_float, v, *, q_slots, group_size: int, q_positions,
   return attend_with_logits(logits, v.astype(q.dtype), mask, q.dtype)
 
 
-def update_and_attend(layer_cache: QuantizedKVCache, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
-                      kv_segment_ids=None):
-  """Writes the new k/v [B, T, Hkv, D] at cache slot `index` (quantizing every group the write completes) and
-  attends q over the cache -> (out [B, T, H, D], new layer cache). kv_positions [B, S] cover the S slots."""
+def _write_window(layer_cache: QuantizedKVCache, k, v, index):
+  """Writes the new k/v [B, T, Hkv, D] at cache slot `index`, quantizing every group the write completes ->
+  (new layer cache, the float keys of the written window, the window's first slot)."""
   kv_format, group_size = layer_format(layer_cache)
   residual = layer_cache.k_residual
   batch, new_len = k.shape[:2]
-  max_len = kv_positions.shape[1]
   # The float keys of slots [group_start, group_start + window_len): the open group, then the new keys. Every
   # group of the window is (re)quantized and written; groups the write leaves open are rewritten later from the
   # residual, so only complete groups' codes are ever read as quantized.
@@ -245,6 +250,24 @@ def update_and_attend(layer_cache: QuantizedKVCache, q, k, v, *, index, q_positi
                                               group_size, axis=1),
       v=_write(layer_cache.v, quantize_values(v, kv_format),
                lambda stored, new: jax.lax.dynamic_update_slice_in_dim(stored, new, index, axis=1)))
+  return new_cache, window, group_start
+
+
+def write(layer_cache: QuantizedKVCache, k, v, *, index) -> QuantizedKVCache:
+  """The layer cache with the new k/v [B, T, Hkv, D] written at slot `index` (see `update_and_attend`)."""
+  return _write_window(layer_cache, k, v, index)[0]
+
+
+def update_and_attend(layer_cache: QuantizedKVCache, q, k, v, *, index, q_positions, kv_positions, q_segment_ids=None,
+                      kv_segment_ids=None):
+  """Writes the new k/v [B, T, Hkv, D] at cache slot `index` (quantizing every group the write completes) and
+  attends q over the cache -> (out [B, T, H, D], new layer cache). kv_positions [B, S] cover the S slots.
+  This is the general (masked, every slot dequantized) path; one-token steps over slots [0, length) go through
+  `decode`."""
+  _, group_size = layer_format(layer_cache)
+  new_len = k.shape[1]
+  max_len = kv_positions.shape[1]
+  new_cache, window, group_start = _write_window(layer_cache, k, v, index)
   k_quantized = dequantize_keys(new_cache.k, q.dtype)[:, :max_len]
   k_float = k_quantized.at[:, group_start + jnp.arange(window.shape[1])].set(window.astype(q.dtype), mode="drop")
   v_view = dequantize_values(new_cache.v, q.dtype)
@@ -252,6 +275,40 @@ def update_and_attend(layer_cache: QuantizedKVCache, q, k, v, *, index, q_positi
                q_positions=q_positions, kv_positions=kv_positions, q_segment_ids=q_segment_ids,
                kv_segment_ids=kv_segment_ids)
   return out, new_cache
+
+
+def decode(layer_cache: QuantizedKVCache, q, lengths, *, implementation=None, return_key_logits=False):
+  """One query step q [B, H, D] over slots [0, lengths[b]) of a (written) layer cache through
+  `pallas_kernels.quant_decode` -> [B, H, D] (or (out, logits [B, H, S], lse [B, H]) with return_key_logits):
+  complete groups read quantized in place (the kernel on TPU/GPU, the chunked XLA loop on CPU), never the whole
+  cache dequantized.
+
+  Under a mesh (`jax.set_mesh`) it runs inside `jax.shard_map` per (batch row, kv head) shard, as
+  `efficient.attention.flash.decode` does (`activation_spec`: batch over the data-like axes, heads over `tensor`
+  when it divides both head counts): a Pallas call is opaque to GSPMD. The cache's arrays are resharded to that
+  spec if `layer_cache_shardings` placed them differently (the same placement under the shipped presets)."""
+  kv_format, _ = layer_format(layer_cache)
+  bits = formats.get(kv_format).bits
+  arrays = quant_decode_op.cache_arrays(layer_cache)
+
+  def local(q, lengths, *arrays):
+    return quant_decode_op.quant_decode(q, *arrays, lengths, bits=bits, implementation=implementation,
+                                        return_key_logits=return_key_logits)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or mesh.size == 1:
+    return local(q, lengths, *arrays)
+  batch, heads, head_dim = q.shape
+  spec = flash.activation_spec(mesh, (batch, 1, heads, head_dim), layer_cache.k_residual.shape)
+  batch_axes, head_axes = spec[0], spec[2]
+  q_spec = PartitionSpec(batch_axes, head_axes, None)
+  k_spec = PartitionSpec(batch_axes, None, None, head_axes, None)   # codes, scales, zeros [B, n, *, Hkv, D]
+  kv_spec = PartitionSpec(batch_axes, None, head_axes, None)        # residual and V arrays [B, *, Hkv, *]
+  out_specs = (q_spec, PartitionSpec(batch_axes, head_axes, None), PartitionSpec(batch_axes, head_axes)) \
+      if return_key_logits else q_spec
+  return jax.shard_map(local, mesh=mesh, in_specs=(q_spec, PartitionSpec(batch_axes), k_spec, k_spec, k_spec,
+                                                   kv_spec, kv_spec, kv_spec, kv_spec),
+                       out_specs=out_specs, check_vma=False)(q, lengths, *arrays)
 
 
 def simulated_attention_fn(kv_format: str, group_size: int = DEFAULT_GROUP_SIZE, key_granularity: str = "channel"):

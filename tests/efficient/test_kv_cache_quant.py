@@ -9,6 +9,7 @@ from flax import nnx
 from efficient import quant
 from efficient.models import llama
 from efficient.quant import kv_cache
+from pallas_kernels import quant_decode
 from tests.helpers import assert_close, rel_rms_error
 
 CONFIG = llama.TINY.replace(num_layers=1)  # one layer: every path, half the compile time
@@ -236,3 +237,47 @@ def test_bad_input():
     kv_cache.simulated_attention_fn("int8", key_granularity="head")
   with pytest.raises(ValueError, match="kv_format"):  # only softmax layers have a k/v cache to quantize
     llama.init_cache(CONFIG.replace(attention="linear"), 1, 8, kv_format="int8")
+
+
+@pytest.mark.parametrize("kv_format", ["int8", "int4"])
+def test_one_token_steps_through_quant_decode_equal_the_masked_path(kv_format):
+  """A one-token step with kv_lengths (what the model passes when decoding plainly) reads the cache through
+  pallas_kernels.quant_decode; it equals the general masked path (every slot dequantized) and writes the same
+  cache, across steps that complete a group, leave it open and start a new one."""
+  batch, heads, kv_heads, dim, max_len = 2, 4, 2, 16, 24
+  keys, values, queries = (jax.random.normal(key, (batch, max_len, h, dim)) for key, h in
+                           zip(jax.random.split(jax.random.key(11), 3), (kv_heads, kv_heads, heads)))
+  positions = jnp.broadcast_to(jnp.arange(max_len), (batch, max_len))
+  cache = kv_cache.init_layer_cache(batch, max_len, kv_heads, dim, kv_format=kv_format, group_size=GROUP)
+  prefill = jax.jit(lambda cache: kv_cache.update_and_attend(
+      cache, queries[:, :PROMPT], keys[:, :PROMPT], values[:, :PROMPT], index=jnp.int32(0),
+      q_positions=positions[:, :PROMPT], kv_positions=positions)[1])
+  cache = prefill(cache)
+
+  @jax.jit
+  def both(cache, index):
+    step = lambda x: jax.lax.dynamic_slice_in_dim(x, index, 1, axis=1)
+    kwargs = dict(index=index, q_positions=step(positions), kv_positions=positions)
+    fused, fused_cache = cache.update_and_attend(step(queries), step(keys), step(values),
+                                                 kv_lengths=jnp.full((batch,), index + 1), **kwargs)
+    masked, masked_cache = kv_cache.update_and_attend(cache, step(queries), step(keys), step(values), **kwargs)
+    return fused, masked, fused_cache, masked_cache
+
+  for index in range(PROMPT, PROMPT + 7):  # slots 11..17: groups [8, 12) and [12, 16) complete on the way
+    fused, masked, fused_cache, masked_cache = both(cache, jnp.int32(index))
+    assert_close(f"{kv_format} step at slot {index}", fused, masked, 1e-5)
+    jax.tree.map(np.testing.assert_array_equal, fused_cache, masked_cache)
+    cache = fused_cache
+
+
+@pytest.mark.parametrize("kv_format, bits", [("int8", 8), ("int4", 4)])
+def test_quant_decode_cost_counts_what_the_cache_stores(kv_format, bits):
+  """`pallas_kernels.quant_decode.cache_arrays` gives the op's arguments from a layer cache, and its cost model's
+  `packed_bytes` for a full cache (open group empty) is exactly the bytes of the stored codes, scales and zeros."""
+  batch, max_len, kv_heads, dim, group = 2, 128, 2, 64, 32
+  layer = kv_cache.init_layer_cache(batch, max_len, kv_heads, dim, kv_format=kv_format, group_size=group)
+  arrays = quant_decode.cache_arrays(layer)
+  assert arrays[3] is layer.k_residual and arrays[0] is layer.k.qvalue and arrays[6] is layer.v.zero_point
+  model = quant_decode.cost((batch, 4, dim), layer.v.shape, group_size=group, bits=bits,
+                            dtype=layer.k_residual.dtype, lengths=max_len)
+  assert model["packed_bytes"] == sum(x.nbytes for i, x in enumerate(arrays) if i != 3)
