@@ -63,3 +63,18 @@ def pad_to(x: jnp.ndarray, shape) -> jnp.ndarray:
   if tuple(x.shape) == tuple(shape):
     return x
   return jnp.pad(x, [(0, target - size) for size, target in zip(x.shape, shape)])
+
+
+def check_lengths(lengths, batch: int) -> None:
+  """ValueError naming `lengths` unless it is an integer array of shape (batch,) (the decode ops' valid lengths)."""
+  if not hasattr(lengths, "shape") or tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype,
+                                                                                            jnp.integer):
+    raise ValueError(f"lengths must be an integer array of shape (B,) = ({batch},); got "
+                     f"{getattr(lengths, 'dtype', '')}{tuple(getattr(lengths, 'shape', ()))}.")
+
+
+def check_logit_scale(scale) -> None:
+  """ValueError naming `scale` unless it is None or a positive number."""
+  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
+    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+

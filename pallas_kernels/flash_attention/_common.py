@@ -171,3 +171,15 @@ def decode_block(kv_len: int, requested, candidates, name="block_kv") -> int:
     raise ValueError(f"{name}={requested} must divide the cache length S_max={kv_len} for the decode kernel "
                      f"(the cache is not padded).")
   return requested
+
+
+def over_lanes(x, width):
+  """Per-head columns x [rows, H_kv] broadcast over each head's `width` lanes -> [rows, H_kv * width] f32 (the
+  decode kernels' scales and zero points laid beside a lane-dense [rows, H_kv * D] tile)."""
+  rows, heads = x.shape
+  x = x.astype(jnp.float32)
+  lane = lax.broadcasted_iota(jnp.int32, (rows, heads * width), 1)
+  out = jnp.broadcast_to(x[:, :1], (rows, heads * width))
+  for kk in range(1, heads):
+    out = jnp.where(lane >= kk * width, x[:, kk:kk + 1], out)
+  return out

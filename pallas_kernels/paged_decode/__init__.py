@@ -152,12 +152,8 @@ def _check(q, pages, page_table, lengths, bits, scale, pages_per_block, num_spli
       or page_table.shape[1] < 1 or not jnp.issubdtype(page_table.dtype, jnp.integer)):
     raise ValueError(f"page_table must be an integer array [B={batch}, max_pages_per_seq >= 1]; got "
                      f"{getattr(page_table, 'dtype', '')}{tuple(getattr(page_table, 'shape', ()))}.")
-  if not hasattr(lengths, "shape") or tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype,
-                                                                                            jnp.integer):
-    raise ValueError(f"lengths must be an integer array of shape (B,) = ({batch},); got "
-                     f"{getattr(lengths, 'dtype', '')}{tuple(getattr(lengths, 'shape', ()))}.")
-  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
-    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _util.check_lengths(lengths, batch)
+  _util.check_logit_scale(scale)
   _util.check_block_arg("pages_per_block", pages_per_block)
   _util.check_block_arg("num_splits", num_splits)
   _check_used_pages(page_table, lengths, num_pages, lead[1])

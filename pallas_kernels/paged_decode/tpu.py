@@ -53,25 +53,14 @@ def _block_diagonal(q_plane, num_kv_heads):
   return jnp.where(own, q_plane[:, :, None, :], jnp.zeros((), q_plane.dtype)).reshape(batch, num_heads, -1)
 
 
-def _over_lanes(x, width):
-  """Per-head columns x [rows, H_kv] broadcast over each head's `width` lanes -> [rows, H_kv * width] f32."""
-  rows, heads = x.shape
-  x = x.astype(jnp.float32)
-  lane = lax.broadcasted_iota(jnp.int32, (rows, heads * width), 1)
-  out = jnp.broadcast_to(x[:, :1], (rows, heads * width))
-  for kk in range(1, heads):
-    out = jnp.where(lane >= kk * width, x[:, kk:kk + 1], out)
-  return out
-
-
 def _page_planes(refs, name, bits, dtype):
   """A page's k or v as planes [page_size, H_kv * w] in `dtype` (dequantized in f32 first)."""
   if bits is None:
     return [refs[name][...]]
   codes = refs[name][...]
   width = codes.shape[1] // refs[f"{name}_scale"].shape[1]
-  scale = _over_lanes(refs[f"{name}_scale"][...], width)
-  zero = _over_lanes(refs[f"{name}_zero"][...].astype(jnp.int32), width)
+  scale = flash_common.over_lanes(refs[f"{name}_scale"][...], width)
+  zero = flash_common.over_lanes(refs[f"{name}_zero"][...].astype(jnp.int32), width)
   return [_common.dequantize(p, scale, zero).astype(dtype) for p in _common.code_planes(codes, bits)]
 
 

@@ -163,12 +163,8 @@ def _check(q, k_codes, k_scale, k_zero, k_residual, v_codes, v_scale, v_zero, le
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads: q has H={num_heads} heads, which is not a multiple of the cache's "
                      f"H_kv={num_kv_heads} (GQA needs H % H_kv == 0).")
-  if not hasattr(lengths, "shape") or tuple(lengths.shape) != (batch,) or not jnp.issubdtype(lengths.dtype,
-                                                                                            jnp.integer):
-    raise ValueError(f"lengths must be an integer array of shape (B,) = ({batch},); got "
-                     f"{getattr(lengths, 'dtype', '')}{tuple(getattr(lengths, 'shape', ()))}.")
-  if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
-    raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
+  _util.check_lengths(lengths, batch)
+  _util.check_logit_scale(scale)
   _util.check_block_arg("block_groups", block_groups)
   _util.check_block_arg("num_splits", num_splits)
 

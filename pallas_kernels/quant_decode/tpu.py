@@ -28,6 +28,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.flash_attention import _common as flash_common
 from pallas_kernels.quant_decode import _common
 
 LANES = 128
@@ -42,17 +43,6 @@ def check_shapes(head_dim: int, group_size: int, bits: int) -> None:
   if group_size % 32:
     raise ValueError(f"group_size={group_size} (k_residual.shape[1]) does not fit the TPU kernel: it must be a "
                      f"multiple of 32 (Mosaic tiles uint8 rows by 32; int4 nibble planes hold G/2 rows).")
-
-
-def _over_lanes(x, width):
-  """Per-head columns x [rows, H_kv] broadcast over each head's `width` lanes -> [rows, H_kv * width] f32."""
-  rows, heads = x.shape
-  x = x.astype(jnp.float32)
-  lane = lax.broadcasted_iota(jnp.int32, (rows, heads * width), 1)
-  out = jnp.broadcast_to(x[:, :1], (rows, heads * width))
-  for kk in range(1, heads):
-    out = jnp.where(lane >= kk * width, x[:, kk:kk + 1], out)
-  return out
 
 
 def _kernel(lengths_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, *refs, bits, scale, group_size,
@@ -90,7 +80,7 @@ def _kernel(lengths_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, 
     m_ref[...] = m_next
     codes = vc_ref[...]
     width = codes.shape[1] // vs_ref.shape[1]
-    v_scale, v_zero = _over_lanes(vs_ref[...], width), _over_lanes(vz_ref[...], width)
+    v_scale, v_zero = flash_common.over_lanes(vs_ref[...], width), flash_common.over_lanes(vz_ref[...], width)
     row_ok = start + lax.broadcasted_iota(jnp.int32, (rows, codes.shape[1]), 0) < complete
     for acc, plane in zip(acc_refs, _common.code_planes(codes, bits)):
       # Slots past the last complete group may hold anything (stale cache): zero them, as 0 * NaN = NaN.

@@ -7,7 +7,6 @@ Chunks start at c * block_groups, clamped so the last one ends at the last group
 one are masked out (each group counts once)."""
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 
