@@ -183,3 +183,17 @@ def over_lanes(x, width):
   for kk in range(1, heads):
     out = jnp.where(lane >= kk * width, x[:, kk:kk + 1], out)
   return out
+
+
+def online_softmax_update(s, m_ref, l_ref):
+  """One block of f32 logits s [rows, n] folded into the running max m_ref and sum l_ref ([rows, lanes] refs,
+  every lane equal) of a decode kernel -> (p = exp(s - m_new) [rows, n], alpha = exp(m_old - m_new) [rows, lanes]),
+  with which the caller rescales and adds to its accumulators."""
+  m_prev = m_ref[...]
+  m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+  p = jnp.exp(s - m_next[:, :1])
+  alpha = jnp.exp(m_prev - m_next)
+  l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
+  m_ref[...] = m_next
+  return p, alpha
+

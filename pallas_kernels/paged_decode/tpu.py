@@ -96,12 +96,7 @@ def _kernel(lengths_ref, table_ref, *refs, g, bits, pages_per_block, steps, max_
               for q_ref, k in zip(q_refs, keys))
       s = flash_common.logits(s, g)
       s = jnp.where(start + lax.broadcasted_iota(jnp.int32, s.shape, 1) < length, s, -jnp.inf)
-      m_prev = m_ref[...]
-      m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-      p = jnp.exp(s - m_next[:, :1])
-      alpha = jnp.exp(m_prev - m_next)
-      l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-      m_ref[...] = m_next
+      p, alpha = flash_common.online_softmax_update(s, m_ref, l_ref)
       for acc, v in zip(acc_refs, _page_planes(refs_i, "v", bits, dtype)):
         # Slots past the length may hold anything (a recycled page): zero them, as 0 * NaN = NaN.
         v = jnp.where(start + lax.broadcasted_iota(jnp.int32, v.shape, 0) < length, v, jnp.zeros_like(v))

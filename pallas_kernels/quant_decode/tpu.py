@@ -72,12 +72,7 @@ def _kernel(lengths_ref, q_ref, kc_ref, ks_ref, kz_ref, vc_ref, vs_ref, vz_ref, 
     keys = keys.reshape(rows, keys.shape[-1]).astype(dtype)
     s = lax.dot_general(q_ref[...], keys, _NT, preferred_element_type=jnp.float32) * scale  # [H, rows]
     s = jnp.where(start + lax.broadcasted_iota(jnp.int32, s.shape, 1) < complete, s, -jnp.inf)
-    m_prev = m_ref[...]
-    m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.exp(s - m_next[:, :1])
-    alpha = jnp.exp(m_prev - m_next)
-    l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
-    m_ref[...] = m_next
+    p, alpha = flash_common.online_softmax_update(s, m_ref, l_ref)
     codes = vc_ref[...]
     width = codes.shape[1] // vs_ref.shape[1]
     v_scale, v_zero = flash_common.over_lanes(vs_ref[...], width), flash_common.over_lanes(vz_ref[...], width)
