@@ -48,6 +48,7 @@ from efficient import calibration, data, models, quant, train
 from efficient.models import bert, llama
 from efficient.quant import QuantConfig, kv_cache
 from experiments import common
+import pallas_kernels
 
 SMOOTHABLE = r".*/(attention/(q|k|v)|mlp/(gate|up))"  # full match on the path
 
@@ -69,7 +70,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.timing_repeats = 3
   config.kv_group_size = kv_cache.DEFAULT_GROUP_SIZE  # kv-* rows: K tokens per per-channel scale
   config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
-  config.decode_prompt_len = 128   # kv-* rows: greedy decode speed, quantized vs float cache
+  config.decode_prompt_len = 1024  # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
   config.decode_tokens = 32         # 0: skip the decode timing
   config.minilm_model = "all-minilm-l6-v2"  # MiniLM rows: a BERT model name or Hugging Face folder
   config.minilm_rows = MINILM_QUICK_ROWS    # '' skips them; 'all' runs every row of MINILM_ROWS
@@ -285,20 +286,36 @@ def kv_bytes(model_config, row: KVRow | None, config) -> dict:
 
 
 def decode_speed(model, kv_format, config) -> dict:
-  """Greedy decode tokens/s with the quantized vs the float cache: the extra time of `decode_tokens`+1 generated
-  tokens over 1 (same prefill), all four calls alternating (`time_side_by_side`)."""
+  """Greedy decode tokens/s of three caches side by side: float, the quantized cache read in place by
+  `pallas_kernels.quant_decode` (the fused path `generate` takes), and the same quantized cache with the op forced
+  to its reference (`pallas_kernels.implementation("reference")`: the whole cache dequantized every step, the
+  pre-fusion cost). Per token: the extra time of `decode_tokens`+1 generated tokens over 1 (same prefill, so the
+  policy's effect on the prefill cancels), all six calls alternating (`time_side_by_side`)."""
   prompt = jax.random.randint(jax.random.key(1), (1, config.decode_prompt_len), 0, model.config.vocab_size,
                               dtype=jnp.int32)
   n = config.decode_tokens
-  calls = {f"{cache}_{count}": functools.partial(llama.generate, model, prompt, count, kv_format=fmt,
-                                                 kv_group_size=None if fmt is None else config.kv_group_size)
-           for cache, fmt in (("float", None), (kv_format, kv_format)) for count in (1, n + 1)}
+
+  def call(fmt, count, policy):
+    run = functools.partial(llama.generate, model, prompt, count, kv_format=fmt,
+                            kv_group_size=None if fmt is None else config.kv_group_size)
+    if policy is None:
+      return run
+
+    def under_policy():
+      with pallas_kernels.implementation(policy):
+        return run()
+    return under_policy
+
+  caches = {"float": (None, None), "fused": (kv_format, None), "dequantize_all": (kv_format, "reference")}
+  calls = {f"{cache}_{count}": call(fmt, count, policy) for cache, (fmt, policy) in caches.items()
+           for count in (1, n + 1)}
   timings = common.time_side_by_side(calls, repeats=config.timing_repeats)
   per_token = {cache: (timings[f"{cache}_{n + 1}"]["median_s"] - timings[f"{cache}_1"]["median_s"]) / n
-               for cache in ("float", kv_format)}
+               for cache in caches}
+  ratio = lambda a, b: per_token[b] / per_token[a] if min(per_token[a], per_token[b]) > 0 else float("nan")
   return {"tokens_per_s": {cache: 1.0 / s if s > 0 else float("nan") for cache, s in per_token.items()},
-          "speed_ratio": per_token["float"] / per_token[kv_format] if min(per_token.values()) > 0 else float("nan"),
-          "timings": timings}
+          "speed_ratio": ratio("fused", "float"), "fused_speedup": ratio("fused", "dequantize_all"),
+          "prompt_len": config.decode_prompt_len, "timings": timings}
 
 
 def _minilm_names(config) -> list[str]:
@@ -492,8 +509,9 @@ def _smollm2_report(workdir, config, rows, tables, notes, plots):
     table.append((name, row["description"], f"{row['bytes_per_param']:.3f}",
                   f"{row['kv_bytes_per_token']:.0f} ({row['kv_ratio']:.3f}x)", f"{ppl:.3f}", delta,
                   f"{row['forward_ms']:.0f}", f"{row['forward_ratio']:.2f}x", f"{row['quantize_s']:.0f}"))
-  decode = [(name, f"{row['decode']['tokens_per_s']['float']:.1f}",
-             f"{row['decode']['tokens_per_s'][name.removeprefix('kv-')]:.1f}", f"{row['decode']['speed_ratio']:.2f}x")
+  decode = [(name, f"{row['decode']['tokens_per_s']['float']:.1f}", f"{row['decode']['tokens_per_s']['dequantize_all']:.1f}",
+             f"{row['decode']['tokens_per_s']['fused']:.1f}", f"{row['decode']['fused_speedup']:.2f}x",
+             f"{row['decode']['speed_ratio']:.2f}x")
             for name, row in rows.items() if "decode" in row]
   plot = _plot(workdir, rows, base)
   plots.extend([plot] if plot else [])
@@ -504,7 +522,8 @@ def _smollm2_report(workdir, config, rows, tables, notes, plots):
                      "vs f32 (alternating)", "quantize s"), table)
   if decode:
     tables["KV-cache decode (greedy, CPU)"] = (
-        ("row", "float cache tok/s", "quantized cache tok/s", "quantized / float speed"), decode)
+        ("row", "float cache tok/s", "quantized, dequantize-all (before) tok/s", "quantized, fused (after) tok/s",
+         "after / before", "after / float"), decode)
   notes.append(
       f"Calibration: {config.calib_batches}x{config.calib_batch_size}x{config.calib_seq_len} train tokens "
       "(GPTQ's paper uses 128x2048); Hessians captured once from the float model (one-shot, not GPTQ's "
@@ -517,8 +536,10 @@ def _smollm2_report(workdir, config, rows, tables, notes, plots):
       f"{config.kv_group_size} slots, the open group kept in float (KIVI's residual), so in these "
       f"{config.eval_seq_len}-token sequences a query sees up to {config.kv_group_size - 1} float keys; "
       f"KV bytes/token measured on a {next(iter(rows.values()))['kv_bytes_len']}-slot cache (all layers); "
-      f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens, the XLA path "
-      "dequantizes the whole cache every step (no fused kernel).")
+      f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens (batch 1); 'before' "
+      "forces pallas_kernels.quant_decode to its reference (the whole cache dequantized every step, as before "
+      "the fused path), 'after' is the default path (on CPU quant_decode's XLA loop: one chunk of groups "
+      "dequantized at a time inside the online softmax; the Pallas kernels on TPU/GPU).")
 
 
 def _plot(workdir, rows, base):

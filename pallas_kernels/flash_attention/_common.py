@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
 
+LANES = 128  # TPU vector lanes: the decode kernels keep m and l lane-dense [rows, LANES]
 # A finite "minus infinity" for running maxima: exp(MASK_VALUE - m) underflows to 0 and, unlike -inf,
 # MASK_VALUE - MASK_VALUE is 0, so a row that has seen no visible key yet stays NaN-free.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -197,3 +201,35 @@ def online_softmax_update(s, m_ref, l_ref):
   m_ref[...] = m_next
   return p, alpha
 
+
+
+# --- GQA as a block-diagonal matmul (the TPU split-K decode kernels) ------------------------------------------
+
+
+def block_diagonal(q, num_kv_heads):
+  """q [B, H, w] -> [B, H, H_kv * w] with row h non-zero only in the lanes of kv head h // group: q_bd @ keys.T
+  over a lane-dense [rows, H_kv * w] tile gives every query head its logits without repeating K/V."""
+  batch, num_heads, _ = q.shape
+  owner = jnp.arange(num_heads) // (num_heads // num_kv_heads)
+  own = (owner[:, None] == jnp.arange(num_kv_heads)[None, :])[None, :, :, None]
+  return jnp.where(own, q[:, :, None, :], jnp.zeros((), q.dtype)).reshape(batch, num_heads, -1)
+
+
+def diagonal_blocks(x, num_kv_heads):
+  """x [..., H, H_kv * w] (p @ v over a block-diagonal q) -> [..., H, w]: each head's block of its own kv head."""
+  *lead, num_heads, lanes = x.shape
+  group, width = num_heads // num_kv_heads, lanes // num_kv_heads
+  heads = jnp.arange(num_kv_heads)
+  picked = x.reshape(*lead, num_kv_heads, group, num_kv_heads, width)[..., heads, :, heads, :]  # [H_kv, ..., g, w]
+  return jnp.moveaxis(picked, 0, -3).reshape(*lead, num_heads, width)
+
+
+def split_partials_tpu(batch: int, num_splits: int, num_heads: int, plane_lanes: int, planes: int):
+  """(out_shape, out_specs, scratch_shapes) of a TPU split-K decode kernel on grid (batch, split, step): per
+  (row, split) `planes` unnormalised f32 accumulators [H, plane_lanes] and the running m, l [H, LANES], written
+  from VMEM scratch of the same shapes on the split's last step."""
+  part = lambda width: pl.BlockSpec((None, None, num_heads, width), lambda b, split, t, *_: (b, split, 0, 0))
+  shape = lambda width: jax.ShapeDtypeStruct((batch, num_splits, num_heads, width), jnp.float32)
+  widths = [plane_lanes] * planes + [LANES, LANES]
+  return (tuple(shape(w) for w in widths), tuple(part(w) for w in widths),
+          [pltpu.VMEM((num_heads, w), jnp.float32) for w in widths])

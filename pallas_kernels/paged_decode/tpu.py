@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -27,7 +26,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.flash_attention import _common as flash_common
 from pallas_kernels.paged_decode import _common
 
-LANES = 128
+LANES = flash_common.LANES
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 DEFAULT_PAGES_PER_BLOCK = 1
 
@@ -43,14 +42,6 @@ def check_page_size(page_size: int, dtypes) -> None:
     raise ValueError(f"page_size={page_size} does not fit the TPU tiling: a page is one block whose rows must be "
                      f"a multiple of {tile} for pages of dtype(s) {sorted({jnp.dtype(d).name for d in dtypes})} "
                      f"(Mosaic tiles 32-bit rows by 8, 16-bit by 16, 8-bit by 32).")
-
-
-def _block_diagonal(q_plane, num_kv_heads):
-  """q_plane [B, H, w] -> [B, H, H_kv * w], row h only in the lanes of kv head h // group."""
-  batch, num_heads, width = q_plane.shape
-  owner = jnp.arange(num_heads) // (num_heads // num_kv_heads)
-  own = (owner[:, None] == jnp.arange(num_kv_heads)[None, :])[None, :, :, None]
-  return jnp.where(own, q_plane[:, :, None, :], jnp.zeros((), q_plane.dtype)).reshape(batch, num_heads, -1)
 
 
 def _page_planes(refs, name, bits, dtype):
@@ -117,9 +108,8 @@ def decode(q, pages: dict, page_table, lengths, *, geometry, bits, pages_per_blo
   batch, num_heads, head_dim = q.shape
   num_pages, page_size, num_kv_heads = pages["k"].shape[:3]
   max_pages = page_table.shape[1]
-  group = num_heads // num_kv_heads
   steps = -(-max_pages // (pages_per_block * num_splits))
-  q_planes = [_block_diagonal(x, num_kv_heads) for x in _common.split_head_dim(q, bits)]
+  q_planes = [flash_common.block_diagonal(x, num_kv_heads) for x in _common.split_head_dim(q, bits)]
   plane_lanes = q_planes[0].shape[-1]
 
   def page_index(i):
@@ -137,31 +127,24 @@ def decode(q, pages: dict, page_table, lengths, *, geometry, bits, pages_per_blo
       array = pages[name]
       operands.append(array.reshape(num_pages, page_size, -1))
       in_specs.append(pl.BlockSpec((None, page_size, operands[-1].shape[-1]), page_index(i)))
-  part = lambda width: pl.BlockSpec((None, None, num_heads, width), lambda b, split, t, *_: (b, split, 0, 0))
-  part_shape = lambda width: jax.ShapeDtypeStruct((batch, num_splits, num_heads, width), jnp.float32)
   planes = len(q_planes)
+  out_shape, out_specs, scratch_shapes = flash_common.split_partials_tpu(batch, num_splits, num_heads, plane_lanes,
+                                                                         planes)
   outs = pl.pallas_call(
       functools.partial(_kernel, g=g, bits=bits, pages_per_block=pages_per_block, steps=steps,
                         max_pages=max_pages, page_size=page_size),
-      out_shape=(*[part_shape(plane_lanes)] * planes, part_shape(LANES), part_shape(LANES)),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=2,  # lengths and the flattened page table in SMEM
           grid=(batch, num_splits, steps),
           in_specs=in_specs,
-          out_specs=(*[part(plane_lanes)] * planes, part(LANES), part(LANES)),
-          scratch_shapes=[*[pltpu.VMEM((num_heads, plane_lanes), jnp.float32)] * planes,
-                          pltpu.VMEM((num_heads, LANES), jnp.float32), pltpu.VMEM((num_heads, LANES), jnp.float32)]),
+          out_specs=out_specs, scratch_shapes=scratch_shapes),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       cost_estimate=cost_estimate,
       name="paged_decode",
   )(lengths, page_table.reshape(-1), *operands)
   accs, m, l = outs[:planes], outs[planes][..., :1], outs[planes + 1][..., :1]
-  width = plane_lanes // num_kv_heads
-  heads = jnp.arange(num_kv_heads)
-  results = []
-  for acc in accs:
-    out = flash_common.combine_splits(acc, m, l, axis=1)  # [B, H, H_kv * w]
-    out = out.reshape(batch, num_kv_heads, group, num_kv_heads, width)
-    results.append(out[:, heads, :, heads, :].transpose(1, 0, 2, 3))  # diagonal blocks [B, H_kv, group, w]
-  return jnp.concatenate(results, axis=-1).reshape(batch, num_heads, head_dim).astype(q.dtype)
+  results = [flash_common.diagonal_blocks(flash_common.combine_splits(acc, m, l, axis=1), num_kv_heads)
+             for acc in accs]  # [B, H, w] each
+  return jnp.concatenate(results, axis=-1).astype(q.dtype)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -31,7 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from pallas_kernels.flash_attention import _common as flash_common
 from pallas_kernels.quant_decode import _common
 
-LANES = 128
+LANES = flash_common.LANES
 TOKENS_PER_STEP = 512  # default block: about this many slots per grid step
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -97,16 +96,13 @@ def decode(q, k_codes, k_scale, k_zero, k_residual, v_codes, v_scale, v_zero, le
   max_len, num_kv_heads = v_codes.shape[1], v_codes.shape[2]
   num_groups, packed_group = k_codes.shape[1], k_codes.shape[2]
   group_size = packed_group * 8 // bits
-  group = num_heads // num_kv_heads
   planes = 2 if bits == 4 else 1
   lanes = num_kv_heads * head_dim
   plane_lanes = lanes // planes
   num_blocks = (max_len // group_size) // block_groups
   blocks_per_split = -(-num_blocks // num_splits)
   rows = block_groups * group_size
-  owner = jnp.arange(num_heads) // group  # q_bd[b, h, kk * D + d] = q[b, h, d] if kk == h // group else 0
-  q_bd = jnp.where((owner[:, None] == jnp.arange(num_kv_heads)[None, :])[None, :, :, None],
-                   q[:, :, None, :], jnp.zeros((), q.dtype)).reshape(batch, num_heads, lanes)
+  q_bd = flash_common.block_diagonal(q, num_kv_heads)
 
   def block_index(b, split, t, lengths_ref):
     last_group = jnp.maximum(lax.div(lengths_ref[b], group_size) - 1, 0)
@@ -116,21 +112,19 @@ def decode(q, k_codes, k_scale, k_zero, k_residual, v_codes, v_scale, v_zero, le
   k_spec = lambda last: pl.BlockSpec((None, block_groups, last, lanes),
                                      lambda b, s, t, ref: (b, block_index(b, s, t, ref), 0, 0))
   v_spec = lambda last: pl.BlockSpec((None, rows, last), lambda b, s, t, ref: (b, block_index(b, s, t, ref), 0))
-  part = lambda width: pl.BlockSpec((None, None, num_heads, width), lambda b, s, t, ref: (b, s, 0, 0))
-  part_shape = lambda width: jax.ShapeDtypeStruct((batch, num_splits, num_heads, width), jnp.float32)
+  out_shape, out_specs, scratch_shapes = flash_common.split_partials_tpu(batch, num_splits, num_heads, plane_lanes,
+                                                                         planes)
   outs = pl.pallas_call(
       functools.partial(_kernel, bits=bits, scale=scale, group_size=group_size, blocks_per_split=blocks_per_split,
                         num_blocks=num_blocks, block_groups=block_groups),
-      out_shape=(*[part_shape(plane_lanes)] * planes, part_shape(LANES), part_shape(LANES)),
+      out_shape=out_shape,
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=1,  # lengths in SMEM, read by the index maps and the kernel
           grid=(batch, num_splits, blocks_per_split),
           in_specs=[pl.BlockSpec((None, num_heads, lanes), lambda b, s, t, ref: (b, 0, 0)),
                     k_spec(packed_group), k_spec(1), k_spec(1),
                     v_spec(v_codes.shape[2] * v_codes.shape[3]), v_spec(num_kv_heads), v_spec(num_kv_heads)],
-          out_specs=(*[part(plane_lanes)] * planes, part(LANES), part(LANES)),
-          scratch_shapes=[*[pltpu.VMEM((num_heads, plane_lanes), jnp.float32)] * planes,
-                          pltpu.VMEM((num_heads, LANES), jnp.float32), pltpu.VMEM((num_heads, LANES), jnp.float32)]),
+          out_specs=out_specs, scratch_shapes=scratch_shapes),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
       cost_estimate=cost_estimate,
@@ -140,10 +134,6 @@ def decode(q, k_codes, k_scale, k_zero, k_residual, v_codes, v_scale, v_zero, le
     v_codes.reshape(batch, max_len, -1), v_scale.reshape(batch, max_len, num_kv_heads),
     v_zero.reshape(batch, max_len, num_kv_heads))
   accs, m, l = outs[:planes], outs[planes][..., 0], outs[planes + 1][..., 0]
-  heads = jnp.arange(num_kv_heads)
-  diagonal = []
-  for acc in accs:  # [B, splits, H, H_kv * w] -> the diagonal blocks [B, splits, H, w]
-    acc = acc.reshape(batch, num_splits, num_kv_heads, group, num_kv_heads, plane_lanes // num_kv_heads)
-    diagonal.append(acc[:, :, heads, :, heads, :].transpose(1, 2, 0, 3, 4))
-  acc = jnp.concatenate(diagonal, axis=-1).reshape(batch, num_splits, num_heads, head_dim)
+  diagonal = [flash_common.diagonal_blocks(acc, num_kv_heads) for acc in accs]  # [B, splits, H, w] each
+  acc = jnp.concatenate(diagonal, axis=-1)
   return acc, m, l

@@ -14,7 +14,8 @@ from tests.helpers import rel_rms_error
 
 CONFIG = llama.TINY.replace(num_layers=1)
 LENGTH, PROMPT = 10, 4
-step = jax.jit(lambda model, tokens, cache: model(tokens, cache=cache))
+eager_step = lambda model, tokens, cache: model(tokens, cache=cache)
+step = jax.jit(eager_step)
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +28,13 @@ def tokens():
   return jax.random.randint(jax.random.key(1), (2, LENGTH), 0, CONFIG.vocab_size, dtype=jnp.int32)
 
 
-def decode_all(model, tokens, kv_format):
+def decode_all(model, tokens, kv_format, run=step):
   """Chunked prefill of PROMPT tokens, then one token at a time: logits of every position + the cache."""
   cache = llama.init_cache(CONFIG, tokens.shape[0], LENGTH, kv_format=kv_format)
-  logits, cache = step(model, tokens[:, :PROMPT], cache)
+  logits, cache = run(model, tokens[:, :PROMPT], cache)
   out = [logits]
   for i in range(PROMPT, LENGTH):
-    logits, cache = step(model, tokens[:, i:i + 1], cache)
+    logits, cache = run(model, tokens[:, i:i + 1], cache)
     out.append(logits)
   return np.asarray(jnp.concatenate(out, axis=1)), cache
 
@@ -45,7 +46,9 @@ def full_logits(model, tokens):
 
 @pytest.mark.parametrize("policy", budget.policies())
 def test_shorter_than_budget_gives_the_full_cache(model, tokens, full_logits, policy):
-  logits, cache = decode_all(model, tokens, budget.BudgetedKV(policy, LENGTH, sinks=1))
+  # Eagerly: two compilations per policy would cost more than the tiny model's few hundred dispatches (the jitted
+  # path of every policy runs in the int4 test below).
+  logits, cache = decode_all(model, tokens, budget.BudgetedKV(policy, LENGTH, sinks=1), run=eager_step)
   assert np.abs(logits - full_logits).max() <= 1e-5
   np.testing.assert_array_equal(budget.kept_positions(cache["layers"][0]), np.broadcast_to(
       np.arange(LENGTH), (2, CONFIG.num_kv_heads, LENGTH)))

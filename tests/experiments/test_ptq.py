@@ -10,7 +10,7 @@ def test_ptq_writes_results_on_tiny(tmp_path):
   config = ptq.default_config()
   config.update(model="tiny", rows="float32,w8,w4-rtn,w4-gptq,kv-int4", group_size=32, calib_batches=1,
                 eval_batches=1, calib_seq_len=32, eval_seq_len=32, prefill_len=32, timing_repeats=1, kv_group_size=8,
-                decode_tokens=0)
+                decode_tokens=0, minilm_rows="")  # the MiniLM rows: test_quant_experiments (toy encoder)
   results = ptq.run(config, str(tmp_path))
   rows = results["rows"]
   assert rows["float32"]["bytes_per_param"] == 4.0
