@@ -1,5 +1,6 @@
-"""Measuring models and steps without timing them: parameter bytes, saved-residual (activation) bytes, XLA's
-compiled cost and memory, and the modelled kernel cost of a Llama forward.
+"""Measuring models and steps: parameter bytes, saved-residual (activation) bytes, XLA's compiled cost and
+memory, the modelled kernel cost of a Llama forward, and `profile`: compiled figures + median wall time + the
+roofline bound of a named accelerator (`DEVICE_PEAKS`, `roofline`).
 
 Why residuals: XLA:CPU's `memory_analysis()` drops remat recomputation in unrolled code and counts a scan body
 once, so activation memory is measured as the bytes autodiff saves for the backward pass, which is exact and
@@ -7,7 +8,12 @@ backend-independent (README, Design, fact 5).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
+import math
+import numbers
+import statistics
+import time
 from typing import Any, Callable
 
 import jax
@@ -77,6 +83,14 @@ def saved_residual_bytes(loss_fn: Callable, *args, **kwargs) -> dict[str, Any]:
           "largest": sorted(activations, key=lambda e: -e[0])[:10]}
 
 
+def _compile(fn: Callable, *args, **kwargs):
+  """`fn` compiled for these arguments: a Compiled as it is, a jitted function lowered as it is (so its static
+  arguments and donation count), anything else through `jax.jit`."""
+  if hasattr(fn, "memory_analysis"):
+    return fn
+  return (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs).compile()
+
+
 def compiled_cost(fn: Callable, *args, **kwargs) -> dict[str, float]:
   """XLA's own figures for `jax.jit(fn)(*args)`: cost analysis (flops, bytes accessed, transcendentals) and
   memory analysis (argument, output, temp, alias, generated code and peak bytes). An already jitted `fn` is
@@ -85,10 +99,10 @@ def compiled_cost(fn: Callable, *args, **kwargs) -> dict[str, float]:
 
   Caveat (README, Design, fact 5): on CPU a scan body is counted once and remat recomputation may be removed.
   """
-  if hasattr(fn, "memory_analysis"):
-    compiled = fn
-  else:
-    compiled = (fn if hasattr(fn, "lower") else jax.jit(fn)).lower(*args, **kwargs).compile()
+  return _figures(_compile(fn, *args, **kwargs))
+
+
+def _figures(compiled) -> dict[str, float]:
   analysis = compiled.cost_analysis()
   if isinstance(analysis, (list, tuple)):  # older jax returned one dict per computation
     analysis = analysis[0] if analysis else {}
@@ -105,6 +119,131 @@ def compiled_cost(fn: Callable, *args, **kwargs) -> dict[str, float]:
                           ("peak_bytes", "peak_memory_in_bytes")):
     value = getattr(memory, attribute, None) if memory is not None else None
     result[name] = float(value) if value is not None else float("nan")
+  return result
+
+
+# --- Rooflines of named accelerators ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DevicePeak:
+  """One chip's peaks: dense bf16 matmul FLOP/s (no 2:4 sparsity) and HBM bytes/s, with where they are from."""
+  name: str
+  flops_per_s: float
+  hbm_bytes_per_s: float
+  source: str
+
+
+# Public spec sheets (per chip / GPU). NVIDIA quotes bf16 "with sparsity": dense is half (H100/H200 SXM: 1979 -> 989
+# TFLOP/s). H100 SXM: nvidia.com/en-us/data-center/h100 (3.35 TB/s HBM3); H100 PCIe: same page (1513 sparse ->
+# 756 dense, 2.0 TB/s); H200 SXM: nvidia.com/en-us/data-center/h200 (4.8 TB/s HBM3e); A100 80GB SXM: the A100
+# datasheet (312 TFLOP/s dense bf16, 2,039 GB/s). TPUs: cloud.google.com/tpu/docs/<v4|v5e|v5p|v6e>, "peak compute
+# per chip (bf16)" and "HBM bandwidth per chip": v4 275 TFLOP/s, 1200 GB/s; v5e 197, 819; v5p 459, 2765; v6e
+# (Trillium) 918, 1640.
+DEVICE_PEAKS: dict[str, DevicePeak] = {
+    "h100-sxm": DevicePeak("NVIDIA H100 SXM", 989e12, 3.35e12, "NVIDIA H100 datasheet (1979 TFLOP/s bf16 sparse)"),
+    "h100-pcie": DevicePeak("NVIDIA H100 PCIe", 756e12, 2.0e12, "NVIDIA H100 datasheet (1513 TFLOP/s bf16 sparse)"),
+    "h200": DevicePeak("NVIDIA H200 SXM", 989e12, 4.8e12, "NVIDIA H200 datasheet (1979 TFLOP/s bf16 sparse)"),
+    "a100": DevicePeak("NVIDIA A100 80GB SXM", 312e12, 2.039e12, "NVIDIA A100 datasheet"),
+    "tpu-v4": DevicePeak("TPU v4", 275e12, 1.2e12, "cloud.google.com/tpu/docs/v4"),
+    "tpu-v5e": DevicePeak("TPU v5e", 197e12, 0.819e12, "cloud.google.com/tpu/docs/v5e"),
+    "tpu-v5p": DevicePeak("TPU v5p", 459e12, 2.765e12, "cloud.google.com/tpu/docs/v5p"),
+    "tpu-v6e": DevicePeak("TPU v6e (Trillium)", 918e12, 1.64e12, "cloud.google.com/tpu/docs/v6e"),
+}
+# `jax.devices()[0].device_kind` of those chips -> key, so `device_peak(jax.devices()[0].device_kind)` works.
+DEVICE_KINDS = {"nvidia h100 80gb hbm3": "h100-sxm", "nvidia h100 pcie": "h100-pcie", "nvidia h200": "h200",
+                "nvidia a100-sxm4-80gb": "a100", "tpu v4": "tpu-v4", "tpu v5 lite": "tpu-v5e", "tpu v5e": "tpu-v5e",
+                "tpu v5": "tpu-v5p", "tpu v5p": "tpu-v5p", "tpu v6 lite": "tpu-v6e", "tpu v6e": "tpu-v6e"}
+
+
+def device_peak(device: str) -> DevicePeak:
+  """The peaks of `device`: a key of DEVICE_PEAKS or a jax `device_kind` of DEVICE_KINDS (case-insensitive)."""
+  key = str(device).strip().lower()
+  key = DEVICE_KINDS.get(key, key)
+  if key not in DEVICE_PEAKS:
+    raise ValueError(f"device={device!r} is unknown; choose one of {sorted(DEVICE_PEAKS)} (or a jax device_kind: "
+                     f"{sorted(DEVICE_KINDS)}).")
+  return DEVICE_PEAKS[key]
+
+
+def _amount(name: str, value) -> float:
+  """`value` as a float, or a ValueError naming `name` unless it is a finite number >= 0."""
+  if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) or value < 0:
+    raise ValueError(f"{name}={value!r} must be a finite number >= 0.")
+  return float(value)
+
+
+def roofline(flops, bytes_accessed, device: str) -> dict[str, Any]:
+  """The roofline lower bound on one `device` for work of `flops` and `bytes_accessed` (HBM traffic).
+
+  bound_s = max(flops / peak FLOP/s, bytes / peak bytes/s); `bound_by` names the side that binds ('compute' or
+  'memory'; 'none' when both are 0); `arithmetic_intensity` = flops / byte, against the chip's
+  `ridge_intensity` = peak FLOP/s / peak bytes/s (above it the work is compute-bound).
+  """
+  peak = device_peak(device)
+  flops, bytes_accessed = _amount("flops", flops), _amount("bytes_accessed", bytes_accessed)
+  compute_s, memory_s = flops / peak.flops_per_s, bytes_accessed / peak.hbm_bytes_per_s
+  if bytes_accessed:
+    intensity = flops / bytes_accessed
+  else:
+    intensity = math.inf if flops else 0.0
+  bound_by = "none" if compute_s == memory_s == 0 else ("compute" if compute_s >= memory_s else "memory")
+  return {"device": peak.name, "peak_flops_per_s": peak.flops_per_s, "peak_hbm_bytes_per_s": peak.hbm_bytes_per_s,
+          "flops": flops, "bytes_accessed": bytes_accessed, "compute_s": compute_s, "memory_s": memory_s,
+          "bound_s": max(compute_s, memory_s), "bound_by": bound_by, "arithmetic_intensity": intensity,
+          "ridge_intensity": peak.flops_per_s / peak.hbm_bytes_per_s}
+
+
+def _check_counts(repeats, warmup) -> None:
+  for name, value, least in (("repeats", repeats, 1), ("warmup", warmup, 0)):
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+      raise ValueError(f"{name}={value!r} must be an int >= {least}.")
+
+
+def wall_time(fn: Callable[[], Any], *, repeats: int = 5, warmup: int = 1) -> dict[str, Any]:
+  """Median wall seconds of `fn()` over `repeats` runs after `warmup` runs, each result block_until_ready'd
+  (the project's rule for quoting a time: median of >= 5 after warm-up)."""
+  _check_counts(repeats, warmup)
+  for _ in range(warmup):
+    jax.block_until_ready(fn())
+  samples = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready(fn())
+    samples.append(time.perf_counter() - start)
+  return {"median_s": statistics.median(samples), "min_s": min(samples), "samples_s": samples}
+
+
+def profile(fn: Callable, *args, device: str | None = None, repeats: int = 5, warmup: int = 1,
+            **kwargs) -> dict[str, Any]:
+  """Everything about one jitted call `fn(*args, **kwargs)`, compiled once: `compiled_cost`'s figures (flops,
+  bytes_accessed, temp_bytes, ...), `wall_time`'s median of `repeats` runs after `warmup`, the achieved FLOP/s
+  and bytes/s, and with `device` (see `device_peak`) its `roofline` of XLA's flops and bytes plus
+  `roofline_fraction` = bound_s / median_s -- meaningful when this process runs on that device.
+
+  The compiled executable is what runs (no second compilation; its first call is one of the warm-up runs),
+  except for a jitted `fn` called with static keyword arguments, which the executable does not take: then `fn`
+  itself runs (jit's cache compiles it once more on warm-up). Pallas kernels count in XLA's figures through the
+  `pl.CostEstimate`s they pass.
+  """
+  _check_counts(repeats, warmup)
+  if device is not None:
+    device_peak(device)  # an unknown name fails before anything compiles
+  compiled = _compile(fn, *args, **kwargs)
+  result = _figures(compiled)
+  call = lambda: compiled(*args, **kwargs)
+  try:
+    jax.block_until_ready(call())
+    warmup = max(warmup - 1, 0)
+  except TypeError:  # the executable's signature lacks fn's static arguments (a pytree mismatch, before running)
+    call = lambda: fn(*args, **kwargs)
+  result.update(wall_time(call, repeats=repeats, warmup=warmup))
+  median = result["median_s"]
+  result["achieved_flops_per_s"] = result["flops"] / median if median > 0 else math.nan
+  result["achieved_bytes_per_s"] = result["bytes_accessed"] / median if median > 0 else math.nan
+  if device is not None:
+    result["roofline"] = roofline(result["flops"], result["bytes_accessed"], device)
+    result["roofline_fraction"] = result["roofline"]["bound_s"] / median if median > 0 else math.nan
   return result
 
 

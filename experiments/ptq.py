@@ -18,8 +18,10 @@ Runtime: the default runs the 6 rows of QUICK_ROWS (about 10 min on 2 cores). `-
 loop costs ~1-2 ms, ~1.5 s per matrix x 210).
 
 KV rows (`--config.rows=float32,kv-int8,kv-int4,kv-int4-ktoken`; all three are in `all`): float32 + kv-int8 +
-kv-int4 with the decode timing took 37 min wall at load 12-18 (each decode timing compiles and runs 4 `generate`
-calls x (1 + timing_repeats)); `--config.decode_tokens=0` skips the timing.
+kv-int4 with the decode timing: each decode timing compiles and runs 6 `generate` calls (float cache, fused
+quantized cache, dequantize-all quantized cache; 1 and decode_tokens + 1 tokens each) x (1 + timing_repeats) with a
+`decode_prompt_len` prompt, minutes per row on a quiet 2-core CPU, far more under load; `--config.decode_tokens=0`
+skips the timing.
 
 Group sizes: SmolLM2's q/k/v/o/gate/up contract over K = 576, which 128 does not divide, so the 4/3-bit rows
 use groups of 64 (GPTQ's usual g128 would only fit `down`).
@@ -70,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.timing_repeats = 3
   config.kv_group_size = kv_cache.DEFAULT_GROUP_SIZE  # kv-* rows: K tokens per per-channel scale
   config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
-  config.decode_prompt_len = 1024  # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
+  config.decode_prompt_len = 512   # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
   config.decode_tokens = 32         # 0: skip the decode timing
   config.minilm_model = "all-minilm-l6-v2"  # MiniLM rows: a BERT model name or Hugging Face folder
   config.minilm_rows = MINILM_QUICK_ROWS    # '' skips them; 'all' runs every row of MINILM_ROWS

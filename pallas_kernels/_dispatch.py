@@ -92,9 +92,20 @@ def _check_backend(name: str, available: tuple[str, ...], backend: str, *, op: s
   return name
 
 
+def runnable(available: Sequence[str], backend: str | None = None) -> tuple[str, ...]:
+  """The implementations of `available` that run on `backend` (default: jax's default backend), in their order:
+  the jnp paths and interpret modes run anywhere, 'pallas_tpu' / 'pallas_gpu' only on their own backend.
+
+  This is what the parametrized op tests sweep, so on a GPU (TPU) they also check the compiled kernel against
+  the reference; on a CPU it equals `cpu_runnable(available)`.
+  """
+  backend = jax.default_backend() if backend is None else backend
+  return tuple(name for name in available if _NEEDS_BACKEND.get(name, backend) == backend)
+
+
 def cpu_runnable(available: Sequence[str]) -> tuple[str, ...]:
-  """The implementations of `available` that run on a CPU (what the parametrized op tests sweep)."""
-  return tuple(name for name in available if name not in _NEEDS_BACKEND)
+  """The implementations of `available` that run on a CPU."""
+  return runnable(available, "cpu")
 
 
 def kernel_modules(*, tpu: ModuleType, gpu: ModuleType) -> dict[str, ModuleType]:

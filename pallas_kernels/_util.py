@@ -7,7 +7,13 @@ Block-size rules live here once, so every kernel refuses an illegal block with t
 """
 from __future__ import annotations
 
+from typing import Callable, Mapping
+
+import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import _dispatch
 
 FLOAT_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 
@@ -78,3 +84,24 @@ def check_logit_scale(scale) -> None:
   if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0):
     raise ValueError(f"scale={scale!r} must be a positive number (or None for head_dim ** -0.5).")
 
+
+def cost_estimate(cost_fn: Callable[..., Mapping], *args, implementation: str, blocks: Mapping | None = None,
+                  transcendentals: int = 0, **kwargs) -> pl.CostEstimate | None:
+  """The `pl.CostEstimate` of a kernel from its op's cost model, `cost_fn(*args, **kwargs)` (flops, hbm_bytes):
+  to XLA's cost analysis, and its scheduler, a pallas_call is otherwise free.
+
+  `blocks` (the caller's block-size arguments) go to `cost_fn` only for the TPU kernels, whose tiling the cost
+  models follow: a GPU block size need not be a legal TPU tile, so a GPU kernel gets the model at the default
+  TPU tiling -- the same flops up to padding, and the TPU-tiled traffic standing in for its bytes. Where the
+  model refuses a call's shapes (e.g. a GPU call the TPU tiling cannot cover), the kernel runs without an
+  estimate (None) rather than fail over metadata; the kernel itself still checks its own arguments.
+  """
+  if blocks and _dispatch.tpu_style(implementation):
+    kwargs.update(blocks)
+  try:
+    with jax.ensure_compile_time_eval():  # some models run small jnp schedules; under jit, keep them eager
+      modelled = cost_fn(*args, **kwargs)
+  except ValueError:
+    return None
+  return pl.CostEstimate(flops=int(modelled["flops"]), transcendentals=int(transcendentals),
+                         bytes_accessed=int(modelled["hbm_bytes"]))

@@ -1,14 +1,25 @@
-"""Small helpers shared by the tests: relative RMS error checks and exporting kernels for TPU/GPU from a CPU host."""
+"""Small helpers shared by the tests: relative RMS error checks, exporting kernels for TPU/GPU from a CPU host, and
+an optimizer's steps on one device and on a mesh."""
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax import export
+
+from efficient import sharding
 
 # Relative RMS error allowed for a kernel vs an f32 reference, keyed by the kernel's compute dtype
 # (bf16 keeps 8 mantissa bits: rounding alone costs ~2e-3).
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
+
+
+def interpreted(implementation: str) -> str:
+  """The interpret mode of a compiled kernel ('pallas_gpu' -> 'interpret_gpu'), any other name unchanged. Tests
+  key kernel-specific options (blocks legal for one kernel style) by the interpret name; the compiled kernel runs
+  the same kernel code on its chip, so it takes the same options."""
+  return implementation.replace("pallas_", "interpret_", 1)
 
 
 def rel_rms_error(actual, expected) -> float:
@@ -42,3 +53,29 @@ LOWERING_TARGETS = {"tpu": ("pallas_tpu", "@tpu_custom_call"), "cuda": ("pallas_
 def kernel_calls(exported: export.Exported, marker: str) -> int:
   """How many kernel calls (custom calls named by `marker`, see LOWERING_TARGETS) an exported module holds."""
   return exported.mlir_module().count(marker)
+
+
+def single_and_sharded_steps(make_tx, params, grads, *, mesh: str = "fsdp:2,tensor:4", rules: str = "fsdp_tp"):
+  """(params after one `make_tx()` step per entry of `grads` on one device, the same with params, grads and
+  optimizer state placed on `mesh` by `rules`): the "sharded == single device" check of an optimizer."""
+  def apply(tx, g, s, p):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  def run(p, gs, place):
+    tx = make_tx()
+    s = tx.init(p)
+    out_shardings = None
+    if place is not None:  # outputs pinned to the inputs' shardings: one compile for all steps
+      s = jax.device_put(s, place(s))
+      out_shardings = (place(p), place(s))
+    step = jax.jit(lambda g, s, p: apply(tx, g, s, p), out_shardings=out_shardings)
+    for g in gs:
+      p, s = step(g, s, p)
+    return p
+
+  single = run(params, grads, None)
+  placed = sharding.make_mesh(mesh)
+  place = lambda tree: sharding.state_shardings(tree, placed, rules)
+  shardings = place(params)
+  return single, run(jax.device_put(params, shardings), [jax.device_put(g, shardings) for g in grads], place)

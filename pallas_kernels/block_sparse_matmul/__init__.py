@@ -64,10 +64,20 @@ def _run(x, w, *, implementation, block_m=None, out_dtype=None):
   return out.reshape(*x.shape[:-1], w.shape[1])
 
 
-def _forward_call(x, w, out_dtype, block_m, implementation):
+def _product_call(x, values, counts, slots, coord, out_dtype, block_m, implementation):
+  """The kernel's x @ W for W as `values` [nnz, bk, bn] listed per output column block by (counts, slots)."""
+  nnz, bk, bn = values.shape
+  estimate = _util.cost_estimate(cost, x.shape, (x.shape[-1], slots.shape[0] * bn), dtype=x.dtype, nnz_blocks=nnz,
+                                 block_shape=(bk, bn), max_blocks_per_col=slots.shape[1],
+                                 implementation=implementation, blocks={"block_m": block_m})
   return _KERNELS[implementation].bsr_matmul_2d(
-      x, w.values.astype(x.dtype), w.col_counts, w.col_slots, w.block_row, block_m=block_m, out_dtype=out_dtype,
-      interpret=_dispatch.interpret_params(implementation))
+      x, values, counts, slots, coord, block_m=block_m, out_dtype=out_dtype,
+      interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)
+
+
+def _forward_call(x, w, out_dtype, block_m, implementation):
+  return _product_call(x, w.values.astype(x.dtype), w.col_counts, w.col_slots, w.block_row, out_dtype, block_m,
+                       implementation)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
@@ -86,8 +96,7 @@ def _pallas_bsr_bwd(out_dtype, block_m, implementation, residuals, dy):
   dy = dy.astype(x.dtype)  # the forward's operand dtype for the MXU; accumulation stays f32
   # dx = dy @ W.T: W.T's blocks are the stored blocks transposed, listed per K block by the row table.
   values_t = w.values.astype(x.dtype).transpose(0, 2, 1)
-  dx = kernels.bsr_matmul_2d(dy, values_t, w.row_counts, w.row_slots, w.block_col, block_m=block_m,
-                             out_dtype=x.dtype, interpret=interpret)
+  dx = _product_call(dy, values_t, w.row_counts, w.row_slots, w.block_col, x.dtype, block_m, implementation)
   dvalues = kernels.bsr_weight_grad(x, dy, w.block_row, w.block_col, w.block_shape, out_dtype=w.values.dtype,
                                     interpret=interpret)
   return dx, _cotangent(w, dvalues)

@@ -43,7 +43,7 @@ def _kernel(counts_ref, slots_ref, coord_ref, x_ref, v_ref, out_ref, *, width: i
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, interpret=False):
+def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, interpret=False, cost_estimate=None):
   """`x [M, K] @ W` -> [M, N] (see tpu.bsr_matmul_2d for the table layout)."""
   m, k = x.shape
   nnz, bk, bn = values.shape
@@ -61,6 +61,7 @@ def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, i
       out_specs=pl.BlockSpec((block_m, bn), lambda i, j: (i, j)),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="block_sparse_matmul",
   )(counts, slots.reshape(-1), coord, _util.pad_to(x, (padded_m, k)), values)
   return out[:m]

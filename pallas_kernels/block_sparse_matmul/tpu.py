@@ -51,7 +51,7 @@ def _kernel(counts_ref, slots_ref, coord_ref, x_ref, v_ref, out_ref, acc_ref):
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, interpret=False):
+def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, interpret=False, cost_estimate=None):
   """`x [M, K] @ W` -> [M, N] for W given as `values` [nnz, bk, bn] and a per-output-column-block table.
 
   counts [Nb], slots [Nb, Tc] (ids into values), coord [nnz] (the K-block index of each id). Rows of x are
@@ -83,6 +83,7 @@ def bsr_matmul_2d(x, values, counts, slots, coord, *, block_m=None, out_dtype, i
       # The table axis carries the accumulator; M and column blocks are independent.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="block_sparse_matmul",
   )(counts, flat_slots, coord, _util.pad_to(x, (padded_m, k)), values)
   return out[:m]

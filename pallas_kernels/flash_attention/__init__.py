@@ -86,25 +86,38 @@ def _run(q, k, v, q_seg=None, kv_seg=None, *, implementation, causal=True, slidi
   return _attention(q, k, v, q_seg, kv_seg, geometry, implementation)
 
 
-def _module_args(geometry, implementation):
-  return dict(geometry=geometry, interpret=_dispatch.interpret_params(implementation))
+def _module_args(geometry, implementation, q, k, q_seg, **estimates):
+  """The module call's keyword arguments; a kernel also gets its `pl.CostEstimate`s (argument name -> kernel
+  name of `kernel_cost`), the XLA path none."""
+  args = dict(geometry=geometry, interpret=_dispatch.interpret_params(implementation))
+  if _MODULES[implementation] is not xla:
+    for argument, kernel in estimates.items():
+      args[argument] = _util.cost_estimate(
+          kernel_cost, kernel, q.shape, k.shape, dtype=q.dtype, causal=geometry.causal,
+          sliding_window=geometry.window, segment_ids=q_seg is not None, implementation=implementation,
+          blocks={"block_q": geometry.block_q, "block_kv": geometry.block_kv})
+  return args
+
+
+def _forward(q, k, v, q_seg, kv_seg, geometry, implementation):
+  return _MODULES[implementation].forward(q, k, v, q_seg, kv_seg, **_module_args(
+      geometry, implementation, q, k, q_seg, cost_estimate="forward"))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
 def _attention(q, k, v, q_seg, kv_seg, geometry, implementation):
-  out, _ = _MODULES[implementation].forward(q, k, v, q_seg, kv_seg, **_module_args(geometry, implementation))
-  return out
+  return _forward(q, k, v, q_seg, kv_seg, geometry, implementation)[0]
 
 
 def _attention_fwd(q, k, v, q_seg, kv_seg, geometry, implementation):
-  out, lse = _MODULES[implementation].forward(q, k, v, q_seg, kv_seg, **_module_args(geometry, implementation))
+  out, lse = _forward(q, k, v, q_seg, kv_seg, geometry, implementation)
   return out, (q, k, v, q_seg, kv_seg, out, lse)  # lse [B, H, T] f32: the only residual beyond the inputs
 
 
 def _attention_bwd(geometry, implementation, residuals, do):
   q, k, v, q_seg, kv_seg, out, lse = residuals
-  dq, dk, dv = _MODULES[implementation].backward(q, k, v, q_seg, kv_seg, out, lse, do,
-                                                 **_module_args(geometry, implementation))
+  dq, dk, dv = _MODULES[implementation].backward(q, k, v, q_seg, kv_seg, out, lse, do, **_module_args(
+      geometry, implementation, q, k, q_seg, dq_cost_estimate="dq", dkv_cost_estimate="dkv"))
   return dq, dk, dv, None, None  # segment ids are integers: no cotangent
 
 
@@ -188,12 +201,25 @@ def cost(q_shape, k_shape, *, dtype, causal=True, sliding_window=None, segment_i
   statistics; `ideal_bytes` reads q, k, v once and writes out once (backward: also reads o, do and writes dq,
   dk, dv), unpadded.
   """
+  g, dims = _cost_geometry(q_shape, k_shape, causal, sliding_window, block_q, block_kv)
+  return tpu.cost(g, *dims, jnp.dtype(dtype).itemsize, segment_ids=segment_ids, backward=backward)
+
+
+def kernel_cost(kernel, q_shape, k_shape, *, dtype, causal=True, sliding_window=None, segment_ids=False,
+                block_q=None, block_kv=None) -> dict:
+  """One TPU kernel's share of `cost` -- `kernel` 'forward', 'dq' or 'dkv' -- as {'flops', 'hbm_bytes'}: what
+  its `pl.CostEstimate` carries ('forward' is `cost(...)` without backward)."""
+  g, dims = _cost_geometry(q_shape, k_shape, causal, sliding_window, block_q, block_kv)
+  return tpu.kernel_costs(g, *dims, jnp.dtype(dtype).itemsize, segment_ids=segment_ids)[kernel]
+
+
+def _cost_geometry(q_shape, k_shape, causal, sliding_window, block_q, block_kv):
+  """(the TPU kernels' Geometry, (batch, num_heads, num_kv_heads, head_dim)) of a cost model's shapes."""
   batch, q_len, num_heads, head_dim, kv_len, num_kv_heads = _attention_dims(q_shape, k_shape, "k_shape")
   block_q, block_kv = tpu.resolve_blocks(q_len, kv_len, block_q, block_kv)
   g = _common.Geometry(q_len=q_len, kv_len=kv_len, block_q=block_q, block_kv=block_kv, causal=causal,
                        window=sliding_window, soft_cap=None, scale=1.0)
-  return tpu.cost(g, batch, num_heads, num_kv_heads, head_dim, jnp.dtype(dtype).itemsize,
-                  segment_ids=segment_ids, backward=backward)
+  return g, (batch, num_heads, num_kv_heads, head_dim)
 
 
 DECODE_IMPLEMENTATIONS = ("reference", "pallas_tpu", "pallas_gpu", "interpret_tpu", "interpret_gpu")
@@ -234,8 +260,11 @@ def _run_decode(q, k_cache, v_cache, lengths, *, implementation, logit_soft_cap=
   geometry = _common.Geometry(q_len=1, kv_len=kv_len, block_q=1, block_kv=block, causal=False, window=None,
                               soft_cap=logit_soft_cap, scale=scale)
   splits = min(num_splits or DEFAULT_DECODE_SPLITS, kv_len // block)
+  # The lengths are traced here: the estimate is the model's for full caches (an upper bound).
+  estimate = _util.cost_estimate(cost_decode, q.shape, k_cache.shape, dtype=q.dtype, implementation=implementation,
+                                 blocks={"block_kv": block, "num_splits": splits})
   return module.decode(q, k_cache, v_cache, lengths, geometry=geometry, num_splits=splits,
-                       interpret=_dispatch.interpret_params(implementation))
+                       interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)
 
 
 def _check_decode(q, k_cache, v_cache, lengths, logit_soft_cap, scale, block_kv, num_splits):

@@ -164,7 +164,7 @@ def _q_major_specs(g, dp, group, has_segments):
   return q_spec, kv_spec, row_spec, segment_specs if has_segments else []
 
 
-def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False):
+def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False, cost_estimate=None):
   """(out [B, T, H, D] in q.dtype, lse [B, H, T] f32)."""
   g = geometry
   batch, _, num_heads, head_dim = q.shape
@@ -180,12 +180,14 @@ def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False):
       out_specs=(q_spec, row_spec),
       compiler_params=_triton(dp),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="flash_attention_forward",
   )(*operands, *segments)
   return out[:, :g.q_len, :, :head_dim], lse[:, :, :g.q_len]
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False):
+def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False, dq_cost_estimate=None,
+             dkv_cost_estimate=None):
   """(dq, dk, dv) in the dtypes of (q, k, v): the dq kernel, then the dk/dv kernel."""
   g = geometry
   batch, _, num_heads, head_dim = q.shape
@@ -208,6 +210,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
       out_specs=q_spec,
       compiler_params=_triton(dp),
       interpret=interpret,
+      cost_estimate=dq_cost_estimate,
       name="flash_attention_dq",
   )(q_op, k_op, v_op, do_op, *stats, *segments)
 
@@ -225,6 +228,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
       out_specs=(kv_spec, kv_spec),
       compiler_params=_triton(dp),
       interpret=interpret,
+      cost_estimate=dkv_cost_estimate,
       name="flash_attention_dkv",
   )(q_op, k_op, v_op, do_op, *stats, *segments)
   return (dq[:, :g.q_len, :, :head_dim], dk[:, :g.kv_len, :, :head_dim], dv[:, :g.kv_len, :, :head_dim])
@@ -279,7 +283,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_ref, m_ref, l_ref, *, g
   acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
 
-def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False):
+def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False, cost_estimate=None):
   """q [B, H, D] against caches [B, S_max, H_kv, D] holding lengths[b] valid rows -> [B, H, D] in q.dtype."""
   g = geometry
   batch, num_heads, head_dim = q.shape
@@ -301,6 +305,7 @@ def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=Fals
       out_specs=(part(rows, head_dim), part(rows), part(rows)),
       compiler_params=_triton(head_dim),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="flash_decode",
   )(lengths, q_op, k_cache, v_cache)
   out = _common.combine_splits(acc, m[..., None], l[..., None], axis=2)  # [B, H_kv, rows, D]

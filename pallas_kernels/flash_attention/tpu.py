@@ -207,7 +207,7 @@ def _q_major_specs(g, dp, group, has_segments):
   return q_spec, kv_spec, stats_spec, segment_specs if has_segments else []
 
 
-def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False):
+def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False, cost_estimate=None):
   """(out [B, T, H, D] in q.dtype, lse [B, H, T] f32)."""
   g = geometry
   batch, _, num_heads, head_dim = q.shape
@@ -225,13 +225,15 @@ def forward(q, k, v, q_seg, kv_seg, *, geometry, interpret=False):
                       pltpu.VMEM((g.block_q, dp), jnp.float32)],
       compiler_params=_SEMANTICS,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="flash_attention_forward",
   )(*operands, *segments)
   out = out.reshape(batch, g.padded_q_len, num_heads, dp)[:, :g.q_len, :, :head_dim]
   return out, lse[:, :, :g.q_len, 0]
 
 
-def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False):
+def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False, dq_cost_estimate=None,
+             dkv_cost_estimate=None):
   """(dq, dk, dv) in the dtypes of (q, k, v): the dq kernel, then the dk/dv kernel."""
   g = geometry
   batch, _, num_heads, head_dim = q.shape
@@ -254,6 +256,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
       scratch_shapes=[pltpu.VMEM((g.block_q, dp), jnp.float32)],
       compiler_params=_SEMANTICS,
       interpret=interpret,
+      cost_estimate=dq_cost_estimate,
       name="flash_attention_dq",
   )(q_op, k_op, v_op, do_op, *stats, *segments)
 
@@ -280,6 +283,7 @@ def backward(q, k, v, q_seg, kv_seg, out, lse, do, *, geometry, interpret=False)
       scratch_shapes=[pltpu.VMEM((g.block_kv, dp), jnp.float32), pltpu.VMEM((g.block_kv, dp), jnp.float32)],
       compiler_params=_SEMANTICS,
       interpret=interpret,
+      cost_estimate=dkv_cost_estimate,
       name="flash_attention_dkv",
   )(q_op, k_op, v_op, do_op, *stats, *segments)
 
@@ -299,6 +303,17 @@ def visited_tiles(g) -> list[int]:
 
 def cost(g, batch, num_heads, num_kv_heads, head_dim, itemsize, *, segment_ids=False, backward=False) -> dict:
   """See `pallas_kernels.flash_attention.cost`."""
+  parts = kernel_costs(g, batch, num_heads, num_kv_heads, head_dim, itemsize, segment_ids=segment_ids)
+  kernels = ("forward", "dq", "dkv") if backward else ("forward",)
+  total = {key: sum(parts[name][key] for name in kernels) for key in ("flops", "hbm_bytes")}
+  ideal = (2 * batch * g.q_len * num_heads + 2 * batch * g.kv_len * num_kv_heads) * head_dim * itemsize
+  if backward:
+    ideal += (3 * batch * g.q_len * num_heads + 2 * batch * g.kv_len * num_kv_heads) * head_dim * itemsize
+  return {**total, "ideal_bytes": int(ideal)}
+
+
+def kernel_costs(g, batch, num_heads, num_kv_heads, head_dim, itemsize, *, segment_ids=False) -> dict:
+  """{'forward' | 'dq' | 'dkv': {'flops', 'hbm_bytes'}}: each kernel's share of `cost` (its `pl.CostEstimate`)."""
   dp = padded_head_dim(head_dim)
   tiles = visited_tiles(g)
   visited = sum(tiles)
@@ -310,22 +325,20 @@ def cost(g, batch, num_heads, num_kv_heads, head_dim, itemsize, *, segment_ids=F
   seg_q, seg_kv = (q_rows * LANES * 4, SUBLANES * g.block_kv * 4) if segment_ids else (0, 0)
   tile_flops = 2 * g.block_q * g.block_kv * dp
   # Forward: q read and o written once per row block, k and v per fetched tile, lse written lane-replicated.
-  moved = heads * (2 * q_rows * dp * itemsize + fetched * (2 * tile_bytes + seg_kv) + stats_bytes + seg_q)
-  flops = heads * visited * 2 * tile_flops
-  ideal = (2 * batch * g.q_len * num_heads + 2 * batch * g.kv_len * num_kv_heads) * head_dim * itemsize
-  if backward:
-    # dq kernel: q, do read and dq written once per row block, lse and delta read, k and v per fetched tile.
-    moved += heads * (3 * q_rows * dp * itemsize + 2 * stats_bytes + seg_q + fetched * (2 * tile_bytes + seg_kv))
-    # dk/dv kernel: k, v read and dk, dv written once per kv block; q, do, lse, delta (and q segment ids) per
-    # visited tile (an invisible step re-uses its clamped block).
-    kv_rows = g.padded_kv_len
-    per_q_tile = (2 * g.block_q * dp * itemsize + 2 * g.block_q * LANES * 4
-                  + (g.block_q * LANES * 4 if segment_ids else 0))
-    moved += batch * num_kv_heads * 4 * kv_rows * dp * itemsize + heads * visited * per_q_tile
-    moved += batch * num_kv_heads * g.num_kv_blocks * seg_kv
-    flops += heads * visited * (3 + 4) * tile_flops  # dq: s, dp, dq; dk/dv: s, dp, dv, dk
-    ideal += (3 * batch * g.q_len * num_heads + 2 * batch * g.kv_len * num_kv_heads) * head_dim * itemsize
-  return {"flops": int(flops), "hbm_bytes": int(moved), "ideal_bytes": int(ideal)}
+  forward_bytes = heads * (2 * q_rows * dp * itemsize + fetched * (2 * tile_bytes + seg_kv) + stats_bytes + seg_q)
+  # dq kernel: q, do read and dq written once per row block, lse and delta read, k and v per fetched tile.
+  dq_bytes = heads * (3 * q_rows * dp * itemsize + 2 * stats_bytes + seg_q + fetched * (2 * tile_bytes + seg_kv))
+  # dk/dv kernel: k, v read and dk, dv written once per kv block; q, do, lse, delta (and q segment ids) per
+  # visited tile (an invisible step re-uses its clamped block).
+  kv_rows = g.padded_kv_len
+  per_q_tile = (2 * g.block_q * dp * itemsize + 2 * g.block_q * LANES * 4
+                + (g.block_q * LANES * 4 if segment_ids else 0))
+  dkv_bytes = (batch * num_kv_heads * 4 * kv_rows * dp * itemsize + heads * visited * per_q_tile
+               + batch * num_kv_heads * g.num_kv_blocks * seg_kv)
+  flops = {"forward": 2, "dq": 3, "dkv": 4}  # matmuls per visited tile: s, pv; s, dp, dq; s, dp, dv, dk
+  moved = {"forward": forward_bytes, "dq": dq_bytes, "dkv": dkv_bytes}
+  return {name: {"flops": int(heads * visited * flops[name] * tile_flops), "hbm_bytes": int(moved[name])}
+          for name in moved}
 
 
 # --- Decode: one query step per sequence against a KV cache [B, S_max, H_kv, D] with per-sequence lengths. ---
@@ -379,7 +392,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, acc_out, m_out, l_out, m_re
     acc_out[...], m_out[...], l_out[...] = acc_ref[...], m_ref[...], l_ref[...]
 
 
-def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False):
+def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=False, cost_estimate=None):
   """q [B, H, D] against caches [B, S_max, H_kv, D] holding lengths[b] valid rows -> [B, H, D] in q.dtype."""
   g = geometry
   batch, num_heads, head_dim = q.shape
@@ -414,6 +427,7 @@ def decode(q, k_cache, v_cache, lengths, *, geometry, num_splits, interpret=Fals
                           pltpu.VMEM((num_heads, lanes), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="flash_decode",
   )(lengths, q_bd, k_cache.reshape(batch, kv_len, lanes), v_cache.reshape(batch, kv_len, lanes))
   out = _common.combine_splits(acc, m[..., :1], l[..., :1], axis=1)  # [B, H, H_kv * D]

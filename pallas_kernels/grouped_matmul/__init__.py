@@ -66,8 +66,14 @@ def _product(kind: str, operands, implementation: str, tiling, out_dtype):
     return getattr(reference, kind)(*operands, out_dtype=out_dtype)
   if implementation == "xla":
     return getattr(xla, kind)(*operands, out_dtype=out_dtype)
+  lhs, other, group_sizes = operands
+  # The group sizes are traced here: the estimate is the model's at balanced groups.
+  model, extra = (cost, {}) if kind == "grouped_matmul" else (cost_transposed, {"num_groups": group_sizes.shape[0]})
+  estimate = _util.cost_estimate(model, lhs.shape, other.shape, dtype=lhs.dtype, **extra,
+                                 implementation=implementation, blocks={"tiling": tiling})
   return getattr(_KERNELS[implementation], f"{kind}_2d")(
-      *operands, tiling=tiling, out_dtype=out_dtype, interpret=_dispatch.interpret_params(implementation))
+      *operands, tiling=tiling, out_dtype=out_dtype, interpret=_dispatch.interpret_params(implementation),
+      cost_estimate=estimate)
 
 
 @functools.partial(jax.jit, static_argnames=("implementation", "tiling", "out_dtype"))

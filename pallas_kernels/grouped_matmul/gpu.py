@@ -59,7 +59,8 @@ def _gmm_kernel(offsets_ref, first_group_ref, stop_group_ref, lhs_ref, rhs_ref, 
   out_ref[...] = out.astype(out_ref.dtype)
 
 
-def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpret=False):
+def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpret=False,
+                      cost_estimate=None):
   """out [M, N]: row r of group g is lhs[r] @ rhs[g]; rows past sum(group_sizes) are zeros."""
   (m, k), (num_groups, _, n) = lhs.shape, rhs.shape
   tm, tk, tn = resolve_tiling(m, k, n, tiling)
@@ -82,6 +83,7 @@ def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpre
       out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="grouped_matmul",
   )(offsets, first_group, stop_group, _util.pad_to(lhs, (padded_m, padded_k)),
     _util.pad_to(rhs, (num_groups, padded_k, padded_n)))
@@ -105,7 +107,8 @@ def _tgmm_kernel(offsets_ref, lhs_ref, grad_ref, out_ref, *, block_m: int):
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dtype, interpret=False):
+def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dtype, interpret=False,
+                                 cost_estimate=None):
   """out [G, K, N] with out[g] = lhs[rows of g].T @ grad[rows of g] (zeros for an empty group)."""
   (m, k), n, num_groups = lhs.shape, grad.shape[1], group_sizes.shape[0]
   tm, tk, tn = resolve_tiling(m, k, n, tiling)
@@ -121,6 +124,7 @@ def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dty
       out_specs=pl.BlockSpec((None, tk, tn), lambda g, kk, j: (g, kk, j)),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=2),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="transposed_grouped_matmul",
   )(offsets, _util.pad_to(lhs, (padded_m, padded_k)), _util.pad_to(grad, (padded_m, padded_n)))
   return out[:, :k, :n]

@@ -132,7 +132,8 @@ def _gmm_kernel(offsets_ref, groups_ref, tiles_ref, num_visits_ref, lhs_ref, rhs
     out_ref[...] = jnp.where(in_group, acc_ref[...], kept).astype(out_ref.dtype)
 
 
-def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpret=False):
+def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpret=False,
+                      cost_estimate=None):
   """out [M, N]: row r of group g is lhs[r] @ rhs[g]; rows past sum(group_sizes) are zeros."""
   (m, k), (num_groups, _, n) = lhs.shape, rhs.shape
   tm, tk, tn = resolve_tiling(m, k, n, tiling)
@@ -154,6 +155,7 @@ def grouped_matmul_2d(lhs, rhs, group_sizes, *, tiling=None, out_dtype, interpre
       # Visits revisit output blocks (straddled tiles), so only the N axis is independent.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="grouped_matmul",
   )(*schedule, _util.pad_to(lhs, (padded_m, padded_k)), _util.pad_to(rhs, (num_groups, padded_k, padded_n)))
   return out[:m, :n]
@@ -186,7 +188,8 @@ def _tgmm_kernel(offsets_ref, groups_ref, tiles_ref, num_visits_ref, lhs_ref, gr
     out_ref[...] = acc_ref[...].astype(out_ref.dtype)
 
 
-def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dtype, interpret=False):
+def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dtype, interpret=False,
+                                 cost_estimate=None):
   """out [G, K, N] with out[g] = lhs[rows of g].T @ grad[rows of g] (zeros for an empty group)."""
   (m, k), n, num_groups = lhs.shape, grad.shape[1], group_sizes.shape[0]
   tm, tk, tn = resolve_tiling(m, k, n, tiling, transposed=True)
@@ -207,6 +210,7 @@ def transposed_grouped_matmul_2d(lhs, grad, group_sizes, *, tiling=None, out_dty
           scratch_shapes=[pltpu.VMEM((tk, tn), jnp.float32)]),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="transposed_grouped_matmul",
   )(*schedule, _util.pad_to(lhs, (padded_m, padded_k)), _util.pad_to(grad, (padded_m, padded_n)))
   return out[:, :k, :n]

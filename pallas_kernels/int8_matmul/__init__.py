@@ -60,9 +60,11 @@ def _run(x_q, x_scale, w_q, w_scale, *, implementation, blocks=(None, None, None
   if implementation == "reference":
     return reference.int8_matmul(x_q, x_scale, w_q, w_scale, out_dtype=out_dtype)
   k, n = w_q.shape
+  estimate = _util.cost_estimate(cost, x_q.shape, w_q.shape, out_dtype=out_dtype, implementation=implementation,
+                                 blocks=dict(zip(("block_m", "block_n", "block_k"), blocks)))
   out = _KERNELS[implementation].int8_matmul_2d(
       x_q.reshape(-1, k), x_scale.reshape(-1, 1), w_q, w_scale, blocks=blocks, out_dtype=out_dtype,
-      interpret=_dispatch.interpret_params(implementation))
+      interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)
   return out.reshape(*x_q.shape[:-1], n)
 
 

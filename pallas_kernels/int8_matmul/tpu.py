@@ -39,7 +39,8 @@ def _kernel(x_ref, x_scale_ref, w_ref, w_scale_ref, out_ref, acc_ref):
     out_ref[...] = out.astype(out_ref.dtype)
 
 
-def int8_matmul_2d(x_q, x_scale, w_q, w_scale, *, blocks=(None, None, None), out_dtype, interpret=False):
+def int8_matmul_2d(x_q, x_scale, w_q, w_scale, *, blocks=(None, None, None), out_dtype, interpret=False,
+                   cost_estimate=None):
   """x_q [M, K] int8, x_scale [M, 1] f32, w_q [K, N] int8, w_scale [1, N] f32 -> [M, N] in `out_dtype`."""
   (m, k), n = x_q.shape, w_q.shape[1]
   block_m, block_n, block_k = resolve_blocks(m, k, n, *blocks)
@@ -57,6 +58,7 @@ def int8_matmul_2d(x_q, x_scale, w_q, w_scale, *, blocks=(None, None, None), out
       scratch_shapes=[pltpu.VMEM((block_m, block_n), jnp.int32)],
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="int8_matmul",
   )(_util.pad_to(x_q, (padded_m, padded_k)), _util.pad_to(x_scale.astype(jnp.float32), (padded_m, 1)),
     _util.pad_to(w_q, (padded_k, padded_n)), _util.pad_to(w_scale.astype(jnp.float32), (1, padded_n)))

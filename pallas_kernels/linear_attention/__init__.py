@@ -89,13 +89,18 @@ def _run(q, k, v, log_decay, log_gates, initial_state, *, feature_map, scale, no
   elif form == "recurrent":
     out, final = reference.recurrent(q_core, k_core, v_core, gates, s0)
   else:
+    estimate = None if implementation not in _KERNELS else _util.cost_estimate(
+        cost, q.shape, v.shape, dtype=q.dtype, feature_map=feature_map, log_decay=log_decay is not None,
+        log_gates=log_gates is not None, normalize=normalize, implementation=implementation,
+        blocks={"chunk_size": chunk_size})
     out, final = _chunked(q_core, k_core, v_core, gates, s0, chunk_size=chunk_size, normalize=normalize,
-                          implementation=implementation)
+                          implementation=implementation, estimate=estimate)
   return common.finish(out, normalize=normalize, eps=eps, dtype=q.dtype), final
 
 
-def _chunked(q, k, v, gates, s0, *, chunk_size, normalize, implementation):
-  """The chunk form on prepared [B, T, H, D] inputs -> (o [B, T, H, V'], final state [B, H, K', V'])."""
+def _chunked(q, k, v, gates, s0, *, chunk_size, normalize, implementation, estimate=None):
+  """The chunk form on prepared [B, T, H, D] inputs -> (o [B, T, H, V'], final state [B, H, K', V']);
+  `estimate`: the forward kernel's `pl.CostEstimate` (from `cost` of the op's own shapes)."""
   batch, seq_len, heads, k_dim = q.shape
   v_dim = v.shape[-1]
   padded_t = _util.round_up(seq_len, chunk_size)
@@ -115,7 +120,7 @@ def _chunked(q, k, v, gates, s0, *, chunk_size, normalize, implementation):
     out_dtype = jnp.dtype(jnp.float32 if normalize else q.dtype)
     out, final = _pallas_core(widen(q, k_pad), widen(k, k_pad), widen(v, v_pad), gates,
                               _util.pad_to(s0, (s0.shape[0], k_pad, v_pad)), chunk_size, out_dtype,
-                              implementation)
+                              implementation, estimate)
     out, final = out[..., :v_dim], final[:, :k_dim, :v_dim]
   return common.from_kernel_layout(out, batch, seq_len), final.reshape(batch, heads, k_dim, v_dim)
 
@@ -124,21 +129,22 @@ def _kernel_args(chunk_size, implementation):
   return dict(chunk_size=chunk_size, interpret=_dispatch.interpret_params(implementation))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7))
-def _pallas_core(q, k, v, gates, s0, chunk_size, out_dtype, implementation):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def _pallas_core(q, k, v, gates, s0, chunk_size, out_dtype, implementation, estimate):
   out, final, _ = _KERNELS[implementation].forward(q, k, v, gates, s0, out_dtype=out_dtype, save_states=False,
-                                                   **_kernel_args(chunk_size, implementation))
+                                                   cost_estimate=estimate, **_kernel_args(chunk_size, implementation))
   return out, final
 
 
-def _pallas_core_fwd(q, k, v, gates, s0, chunk_size, out_dtype, implementation):
-  out, final, states = _KERNELS[implementation].forward(q, k, v, gates, s0, out_dtype=out_dtype,
-                                                        save_states=True, **_kernel_args(chunk_size, implementation))
+def _pallas_core_fwd(q, k, v, gates, s0, chunk_size, out_dtype, implementation, estimate):
+  out, final, states = _KERNELS[implementation].forward(q, k, v, gates, s0, out_dtype=out_dtype, save_states=True,
+                                                        cost_estimate=estimate,
+                                                        **_kernel_args(chunk_size, implementation))
   return (out, final), (q, k, v, gates, states, final)
 
 
-def _pallas_core_bwd(chunk_size, out_dtype, implementation, residuals, cotangents):
-  del out_dtype
+def _pallas_core_bwd(chunk_size, out_dtype, implementation, estimate, residuals, cotangents):
+  del out_dtype, estimate
   q, k, v, gates, states, final = residuals
   d_out, d_final = cotangents
   return _KERNELS[implementation].backward(q, k, v, gates, states, final, d_out, d_final,

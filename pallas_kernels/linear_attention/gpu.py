@@ -106,7 +106,7 @@ def _whole(shape):
   return pl.BlockSpec((None, *shape), lambda i: (i,) + (0,) * len(shape))
 
 
-def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret=False):
+def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret=False, cost_estimate=None):
   """Same contract as `tpu.forward` (K, V padded by `feature_padding`, T' a multiple of chunk_size)."""
   bh, padded_t, k_dim = q.shape
   v_dim = v.shape[-1]
@@ -128,6 +128,7 @@ def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret
       out_specs=tuple(_whole(shape.shape[1:]) for shape in out_shape),
       compiler_params=_TRITON,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="linear_attention_forward",
   )(*operands)
   return outs[0], outs[1], (outs[2] if save_states else None)

@@ -137,7 +137,7 @@ def _specs(chunk, k_dim, v_dim, gate_dim, num_chunks, *, reverse=False):
   return time(k_dim), time(v_dim), time(gate_dim), state, saved
 
 
-def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret=False):
+def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret=False, cost_estimate=None):
   """q, k [BH, T', K], v [BH, T', V] (K, V multiples of 128, T' of chunk_size), f32 log gates [BH, T', Kg] or None,
   f32 s0 [BH, K, V] -> (o [BH, T', V] in out_dtype, final state [BH, K, V] f32, states entering each chunk
   [BH, T'/C, K, V] f32 or None)."""
@@ -165,6 +165,7 @@ def forward(q, k, v, gates, s0, *, chunk_size, out_dtype, save_states, interpret
       scratch_shapes=[pltpu.VMEM((k_dim, v_dim), jnp.float32)],
       compiler_params=_SEQUENTIAL_CHUNKS,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="linear_attention_forward",
   )(*operands)
   return outs[0], outs[1], (outs[2] if save_states else None)

@@ -67,9 +67,11 @@ def _run(grad, param, m_codes, m_absmax, v_codes, v_absmax, count, learning_rate
   hyper = dict(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, m_map=m_map, v_map=v_map)
   if implementation == "reference":
     return reference.blockwise_adam_update(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, **hyper)
+  estimate = _util.cost_estimate(cost, grad.shape, m_map=m_map, v_map=v_map, implementation=implementation,
+                                 blocks={"blocks_per_tile": blocks_per_tile}, transcendentals=grad.size)  # sqrt
   return _KERNELS[implementation].blockwise_adam_update(
       grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, **hyper, blocks_per_tile=blocks_per_tile,
-      interpret=_dispatch.interpret_params(implementation))
+      interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)
 
 
 def quantize_blocks(x, absmax=None, map_name=None):

@@ -25,7 +25,7 @@ def resolve_tile(n_blocks: int, block: int, requested=None, *, four_bit: bool = 
 
 
 def blockwise_adam_update(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, *, b1, b2, eps, weight_decay,
-                          m_map, v_map, blocks_per_tile=None, interpret=False):
+                          m_map, v_map, blocks_per_tile=None, interpret=False, cost_estimate=None):
   """[n_blocks, B] arrays -> (update, m_codes, m_absmax, v_codes, v_absmax), as `reference.blockwise_adam_update`."""
   n_blocks, block = grad.shape
   four_bit = 4 in (maps.BITS[m_map], maps.BITS[v_map])
@@ -36,4 +36,5 @@ def blockwise_adam_update(grad, param, m_codes, m_absmax, v_codes, v_absmax, sca
                         tile=resolve_tile(n_blocks, block, blocks_per_tile, four_bit=four_bit),
                         scalar_spec=pl.BlockSpec((4,), lambda i: (0,)),
                         compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=1), interpret=interpret,
-                        b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, m_map=m_map, v_map=v_map)
+                        cost_estimate=cost_estimate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, m_map=m_map,
+                        v_map=v_map)

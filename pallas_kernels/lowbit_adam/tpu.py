@@ -135,7 +135,7 @@ def _kernel(s_ref, *refs, **hyper):
 
 
 def fused_call(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, *, tile, scalar_spec, compiler_params,
-               interpret, **hyper):
+               interpret, cost_estimate=None, **hyper):
   """The one pallas_call both platforms run: a grid over row tiles of `tile` blocks; the absmax travel as
   [n_blocks, 1] columns. `scalar_spec` / `compiler_params` are what differ between TPU and GPU."""
   n_blocks, block = grad.shape
@@ -153,6 +153,7 @@ def fused_call(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, *, ti
       out_specs=(rows(block), rows(m_width), rows(1), rows(v_width), rows(1)),
       compiler_params=compiler_params,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="lowbit_adam",
   )(scalars, grad, param, m_codes, m_absmax.reshape(n_blocks, 1), v_codes, v_absmax.reshape(n_blocks, 1))
   update, m_codes, m_absmax, v_codes, v_absmax = outs
@@ -160,11 +161,12 @@ def fused_call(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, *, ti
 
 
 def blockwise_adam_update(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars, *, b1, b2, eps, weight_decay,
-                          m_map, v_map, blocks_per_tile=None, interpret=False):
+                          m_map, v_map, blocks_per_tile=None, interpret=False, cost_estimate=None):
   """[n_blocks, B] arrays -> (update, m_codes, m_absmax, v_codes, v_absmax), as `reference.blockwise_adam_update`."""
   n_blocks, block = grad.shape
   return fused_call(grad, param, m_codes, m_absmax, v_codes, v_absmax, scalars,
                     tile=resolve_tile(n_blocks, block, blocks_per_tile),
                     scalar_spec=pl.BlockSpec(memory_space=pltpu.SMEM),
                     compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel",)), interpret=interpret,
-                    b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, m_map=m_map, v_map=v_map)
+                    cost_estimate=cost_estimate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, m_map=m_map,
+                    v_map=v_map)

@@ -47,8 +47,12 @@ def _run(x, w, bias=None, *, implementation, blocks=(None, None, None), out_dtyp
 
 
 def _kernel_call(x, w, bias, out_dtype, blocks, implementation):
+  estimate = _util.cost_estimate(cost, x.shape, w.shape, dtype=x.dtype, bias=bias is not None,
+                                 implementation=implementation, blocks=dict(zip(("block_m", "block_n", "block_k"),
+                                                                                blocks)))
   return _KERNELS[implementation].matmul_2d(x, w, bias, blocks=blocks, out_dtype=out_dtype,
-                                            interpret=_dispatch.interpret_params(implementation))
+                                            interpret=_dispatch.interpret_params(implementation),
+                                            cost_estimate=estimate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))

@@ -38,7 +38,7 @@ def _kernel(x_ref, w_ref, *refs, block_k: int, has_bias: bool):
   out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=False):
+def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=False, cost_estimate=None):
   """`x [M, K] @ w [K, N] (+ bias [N])` -> [M, N] in `out_dtype`; ragged dims are zero-padded to whole blocks."""
   (m, k), n = x.shape, w.shape[1]
   block_m, block_n, block_k = resolve_blocks(m, k, n, *blocks)
@@ -58,6 +58,7 @@ def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=Fal
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),  # selects Triton over Mosaic GPU
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="matmul",
   )(*operands)
   return out[:m, :n]

@@ -41,7 +41,7 @@ def _kernel(x_ref, w_ref, *refs, has_bias: bool):
     out_ref[...] = acc.astype(out_ref.dtype)
 
 
-def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=False):
+def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=False, cost_estimate=None):
   """`x [M, K] @ w [K, N] (+ bias [N])` -> [M, N] in `out_dtype`; ragged dims are zero-padded to whole blocks."""
   (m, k), n = x.shape, w.shape[1]
   block_m, block_n, block_k = resolve_blocks(m, k, n, *blocks)
@@ -64,6 +64,7 @@ def matmul_2d(x, w, bias, *, blocks=(None, None, None), out_dtype, interpret=Fal
       # K carries the accumulator, so only M and N may be split across cores.
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="matmul",
   )(*operands)
   return out[:m, :n]

@@ -69,8 +69,14 @@ def _run(x, w, scale, zero_point=None, scale_scale=None, scale_offset=None, *, f
 
 
 def _kernel_call(x, weights, fmt, out_dtype, blocks, implementation):
+  w, scale, zero_point, scale_scale, _ = weights
+  estimate = _util.cost_estimate(cost, x.shape, w.shape, scale.shape, fmt=fmt, dtype=x.dtype,
+                                 zero_point=zero_point is not None, scale_scale=scale_scale is not None,
+                                 scale_dtype=scale.dtype, out_dtype=out_dtype, implementation=implementation,
+                                 blocks=dict(zip(("block_m", "block_n"), blocks)))
   return _KERNELS[implementation].quant_matmul_2d(x, *weights, fmt=fmt, blocks=blocks, out_dtype=out_dtype,
-                                                  interpret=_dispatch.interpret_params(implementation))
+                                                  interpret=_dispatch.interpret_params(implementation),
+                                                  cost_estimate=estimate)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6, 7, 8, 9))

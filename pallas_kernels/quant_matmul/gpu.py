@@ -78,7 +78,7 @@ def _kernel(x_ref, w_ref, scale_ref, *refs, fmt: str, has_zero: bool, chunk: int
 
 
 def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset=None, *, fmt: str,
-                    blocks=(None, None), out_dtype, interpret=False):
+                    blocks=(None, None), out_dtype, interpret=False, cost_estimate=None):
   """x [M, K] @ dequant(w) -> [M, N] in `out_dtype`; M and N are zero-padded to whole blocks."""
   (m, k), n = x.shape, w.shape[1]
   groups = scale.shape[0]
@@ -102,6 +102,7 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
       out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
       compiler_params=pltriton.CompilerParams(num_warps=4, num_stages=3),  # selects Triton over Mosaic GPU
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name=f"quant_matmul_{fmt}",
   )(*operands)
   return out[:m, :n]

@@ -126,7 +126,7 @@ def scales_partial_sums(k: int, groups: int) -> bool:
 
 
 def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset=None, *, fmt: str,
-                    blocks=(None, None), out_dtype, interpret=False):
+                    blocks=(None, None), out_dtype, interpret=False, cost_estimate=None):
   """x [M, K] @ dequant(w) -> [M, N] in `out_dtype`; M and N are zero-padded to whole blocks."""
   (m, k), n = x.shape, w.shape[1]
   groups = scale.shape[0]
@@ -157,6 +157,7 @@ def quant_matmul_2d(x, w, scale, zero_point=None, scale_scale=None, scale_offset
       out_specs=pl.BlockSpec((block_m, block_n), tile),
       compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name=f"quant_matmul_{fmt}",
   )(*operands)
   return out[:m, :n]

@@ -49,7 +49,10 @@ def _kernel_args(eps, block_rows, implementation):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _pallas_rms_norm(x, weight, eps, block_rows, implementation):
-  return _KERNELS[implementation].forward(x, weight, **_kernel_args(eps, block_rows, implementation))
+  estimate = _util.cost_estimate(cost, x.shape, dtype=x.dtype, implementation=implementation,
+                                 blocks={"block_rows": block_rows}, transcendentals=x.shape[0])  # rsqrt per row
+  return _KERNELS[implementation].forward(x, weight, **_kernel_args(eps, block_rows, implementation),
+                                          cost_estimate=estimate)
 
 
 def _pallas_rms_norm_fwd(x, weight, eps, block_rows, implementation):

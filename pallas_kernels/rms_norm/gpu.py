@@ -51,7 +51,7 @@ def _backward_kernel(x_ref, weight_ref, dy_ref, dx_ref, dweight_ref, *, eps, fea
   pltriton.store(dweight_ref.at[cols], dweight[0], mask=col_mask)  # this block's partial sum
 
 
-def forward(x, weight, *, eps, block_rows=None, interpret=False):
+def forward(x, weight, *, eps, block_rows=None, interpret=False, cost_estimate=None):
   """RMSNorm of x [R, D] (rows padded to whole blocks) -> [R, D] in x.dtype."""
   rows, d = x.shape
   block_rows = resolve_block_rows(rows, block_rows)
@@ -64,6 +64,7 @@ def forward(x, weight, *, eps, block_rows=None, interpret=False):
       out_specs=pl.BlockSpec((block_rows, d), lambda i: (i, 0)),
       compiler_params=_TRITON,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="rms_norm_forward",
   )(_util.pad_to(x, (padded_rows, d)), weight)
   return y[:rows]

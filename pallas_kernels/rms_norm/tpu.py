@@ -41,7 +41,7 @@ def _row_specs(block_rows, d):
   return pl.BlockSpec((block_rows, d), lambda i: (i, 0)), pl.BlockSpec((1, d), lambda i: (0, 0))
 
 
-def forward(x, weight, *, eps, block_rows=None, interpret=False):
+def forward(x, weight, *, eps, block_rows=None, interpret=False, cost_estimate=None):
   """RMSNorm of x [R, D] (rows padded to whole blocks) -> [R, D] in x.dtype."""
   rows, d = x.shape
   block_rows = resolve_block_rows(rows, block_rows)
@@ -55,6 +55,7 @@ def forward(x, weight, *, eps, block_rows=None, interpret=False):
       out_specs=row_spec,
       compiler_params=_PARALLEL,
       interpret=interpret,
+      cost_estimate=cost_estimate,
       name="rms_norm_forward",
   )(_util.pad_to(x, (padded_rows, d)), weight.reshape(1, d))
   return y[:rows]

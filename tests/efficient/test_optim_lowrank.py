@@ -13,9 +13,9 @@ import optax
 import pytest
 from flax import nnx
 
-from efficient import sharding
 from efficient.optim import axes, factored as came_lib, lowrank
 from efficient.optim.memory import state_bytes_per_param
+from tests import helpers
 
 B1, B2, EPS = 0.9, 0.999, 1e-6
 
@@ -435,24 +435,7 @@ def test_sharded_fsdp_tp_equals_single_device(tiny, name):
   rng = np.random.default_rng(4)
   grads = [jax.tree.map(lambda x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32), params) for _ in range(3)]
 
-  def run(p, gs, place):
-    tx = axes.named(SHARDED[name]())
-    state = tx.init(p)
-    out_shardings = None
-    if place is not None:   # outputs pinned to the inputs' shardings: one compile for all steps
-      state = jax.device_put(state, place(state))
-      out_shardings = (place(p), place(state))
-    step = jax.jit(tx.update, out_shardings=out_shardings)
-    for g in gs:
-      u, state = step(g, state, p)
-      p = optax.apply_updates(p, u)
-    return p
-
-  single = run(params, grads, None)
-  mesh = sharding.make_mesh("fsdp:2,tensor:4")
-  place = lambda tree: sharding.state_shardings(tree, mesh, "fsdp_tp")
-  shardings = place(params)
-  sharded = run(jax.device_put(params, shardings), [jax.device_put(g, shardings) for g in grads], place)
+  single, sharded = helpers.single_and_sharded_steps(lambda: axes.named(SHARDED[name]()), params, grads)
   spec = jax.tree.leaves(sharded, is_leaf=axes.is_variable)
   assert any(len(leaf.get_value().sharding.device_set) > 1 for leaf in spec)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(single)[0], jax.tree.leaves(sharded)):

@@ -1,4 +1,4 @@
-"""block_sparse_matmul: every CPU-runnable implementation vs a dense masked f32 product, forward and both gradients
+"""block_sparse_matmul: every implementation runnable here vs a dense masked f32 product, forward and both gradients
 (dx and the stored block values); storage round trips; bad inputs; cost model."""
 import functools
 
@@ -46,7 +46,7 @@ def _expected(x, w_dense, mask, dy):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_block_sparse_matmul_matches_dense_masked(implementation, dtype, case):
   x_shape, k, n, block_shape, block_mask, block_m = CASES[case]
   rng = np.random.default_rng(0)
@@ -76,7 +76,7 @@ def test_block_sparse_matmul_matches_dense_masked(implementation, dtype, case):
       assert not np.any(np.asarray(out)[..., col * block_shape[1]:(col + 1) * block_shape[1]])
 
 
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_block_sparse_matmul_with_no_stored_blocks_is_zero(implementation):
   w = from_dense(np.zeros((256, 128), np.float32), (128, 128))
   assert w.nnz_blocks == 0

@@ -79,8 +79,10 @@ def _kernels_traced(op: str, **kwargs) -> int:
 @pytest.mark.parametrize("op", sorted(OPS))
 def test_default_runs_no_kernel_on_cpu_and_the_policy_runs_the_kernel_it_names(op):
   _, implementations = OPS[op]
-  assert _dispatch.choose(None, implementations) in _dispatch.cpu_runnable(implementations)
-  assert _kernels_traced(op) == 0
+  default = _dispatch.choose(None, implementations)
+  assert default in _dispatch.runnable(implementations)
+  # A CPU default is a jnp path; on a GPU / TPU it is the compiled kernel.
+  assert (_kernels_traced(op) > 0) == (default in ("pallas_tpu", "pallas_gpu"))
   for name in INTERPRET:
     with pallas_kernels.implementation(name):
       assert _dispatch.choose(None, implementations, op=op) == name
@@ -107,11 +109,12 @@ def test_policy_gives_the_reference_numbers_on_random_inputs(policy, op):
 
 def test_nested_policies_restore_the_outer_one():
   assert pallas_kernels.current_implementation() is None
+  backend_default = _dispatch.choose(None, MATMUL)  # 'reference' on a CPU
   with pallas_kernels.implementation("interpret_tpu"):
     with pallas_kernels.implementation("reference"):
       assert _dispatch.choose(None, MATMUL) == "reference"
     with pallas_kernels.implementation(None):  # back to "best for the backend" inside a policy
-      assert _dispatch.choose(None, MATMUL) == _dispatch.choose(None, MATMUL, op="outside") == "reference"
+      assert _dispatch.choose(None, MATMUL) == _dispatch.choose(None, MATMUL, op="outside") == backend_default
       assert pallas_kernels.current_implementation() is None
     with pytest.raises(RuntimeError), pallas_kernels.implementation("interpret_gpu"):
       raise RuntimeError("leaves the inner policy by an exception")
@@ -182,3 +185,15 @@ def test_compiled_kernel_is_refused_on_cpu(op, implementation):
 def test_cpu_runnable_excludes_compiled_kernels():
   assert _dispatch.cpu_runnable(_dispatch.ALL_IMPLEMENTATIONS) == (
       "reference", "xla", "interpret_tpu", "interpret_gpu")
+
+
+@pytest.mark.parametrize("op", sorted(OPS))
+def test_runnable_is_the_cpu_list_on_cpu_and_adds_the_compiled_kernel_of_an_accelerator(op, monkeypatch):
+  _, implementations = OPS[op]
+  cpu = tuple(name for name in implementations if name not in ("pallas_tpu", "pallas_gpu"))
+  assert _dispatch.runnable(implementations, "cpu") == _dispatch.cpu_runnable(implementations) == cpu
+  assert _dispatch.runnable(implementations, "gpu") == tuple(n for n in implementations if n != "pallas_tpu")
+  assert _dispatch.runnable(implementations, "tpu") == tuple(n for n in implementations if n != "pallas_gpu")
+  # No backend given: jax's default backend decides (what the parametrized op tests collect).
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert "pallas_gpu" in _dispatch.runnable(implementations) and "pallas_tpu" not in _dispatch.runnable(implementations)

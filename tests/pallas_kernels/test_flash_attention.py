@@ -1,4 +1,4 @@
-"""flash_attention / flash_decode: every CPU-runnable implementation vs a plain f32 jnp attention written here
+"""flash_attention / flash_decode: every implementation runnable here vs a plain f32 jnp attention written here
 (full T x S masks), forward and every gradient; bad inputs; cost model.
 
 Measured (jax 0.10.2, CPU, this file's cases), relative RMS error vs the plain f32 attention: f32 <= 4e-7 for
@@ -119,7 +119,7 @@ def _inputs(case, seed=0):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_flash_attention_matches_plain_attention(implementation, case):
   case = CASES[case]
   q, k, v, do, segment_ids = _inputs(case)
@@ -173,7 +173,7 @@ def plain_decode(q, k_cache, v_cache, lengths, *, logit_soft_cap=None, **unused)
 
 
 @pytest.mark.parametrize("case", DECODE_CASES)
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(DECODE_IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(DECODE_IMPLEMENTATIONS))
 def test_flash_decode_matches_plain_decode(implementation, case):
   batch, max_len, num_heads, num_kv_heads, head_dim, dtype, lengths, options = DECODE_CASES[case]
   rng = np.random.default_rng(1)

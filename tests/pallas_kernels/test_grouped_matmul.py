@@ -1,4 +1,4 @@
-"""grouped_matmul / transposed_grouped_matmul: every CPU-runnable implementation vs a float64 NumPy per-row
+"""grouped_matmul / transposed_grouped_matmul: every implementation runnable here vs a float64 NumPy per-row
 product, forward of both functions and the gradients of grouped_matmul w.r.t. lhs and rhs; bad inputs; cost."""
 import functools
 
@@ -10,7 +10,7 @@ import pytest
 from pallas_kernels import _dispatch
 from pallas_kernels.grouped_matmul import (IMPLEMENTATIONS, cost, cost_transposed, grouped_matmul,
                                            transposed_grouped_matmul)
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, interpreted
 
 # M = 160 rows, G = 4 experts. The forward kernels use 32-row tiles (5 row tiles) and split K and N in two; the
 # transposed kernel (called directly) splits K and N too and uses its default rows (TPU: 128, so M pads to 256 and
@@ -46,7 +46,7 @@ def _expected(lhs, rhs, dy, sizes):
 @functools.cache
 def _forward_grads_and_transposed(implementation):
   """One jitted function per implementation (and dtype, by retracing), shared by every group-size pattern."""
-  kernel = implementation in ("interpret_tpu", "interpret_gpu")
+  kernel = interpreted(implementation) in ("interpret_tpu", "interpret_gpu")
 
   @jax.jit
   def run(lhs, rhs, group_sizes, dy):
@@ -62,7 +62,7 @@ def _forward_grads_and_transposed(implementation):
 
 @pytest.mark.parametrize("pattern", GROUP_SIZES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_grouped_matmul_matches_per_row_product(implementation, dtype, pattern):
   sizes = GROUP_SIZES[pattern]
   rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""int8_matmul (W8A8): every CPU-runnable implementation vs an independent NumPy int64 product, the dynamic float
+"""int8_matmul (W8A8): every implementation runnable here vs an independent NumPy int64 product, the dynamic float
 entry point's forward and straight-through activation gradient, the per-token quantizer, bad input, cost."""
 import functools
 
@@ -35,7 +35,7 @@ def _numpy_quantize_rows(x):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_int8_matmul_matches_int64_numpy(implementation, case):
   x_shape, n, (block_m, block_n, block_k), out_dtype = CASES[case]
   rng = np.random.default_rng(0)
@@ -51,7 +51,7 @@ def test_int8_matmul_matches_int64_numpy(implementation, case):
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_dynamic_int8_matmul_forward_and_straight_through_gradient(implementation, dtype):
   x_shape, n, blocks, _ = CASES["several_blocks"]
   rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""linear_attention: every CPU-runnable form (recurrent, XLA chunk, TPU- and GPU-style interpret kernels) vs the
+"""linear_attention: every form runnable here (recurrent, XLA chunk, TPU- and GPU-style interpret kernels) vs the
 naive quadratic form in f32 -- outputs, final states and every gradient (q, k, v, log_decay / log_gates, initial
 state); recurrent_step continuation; bad inputs; cost model.
 
@@ -18,7 +18,7 @@ import pytest
 from pallas_kernels import _dispatch
 from pallas_kernels.linear_attention import (IMPLEMENTATIONS, common, cost, linear_attention, recurrent_step,
                                              reference)
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, interpreted
 
 B, T, H, K, V = 2, 37, 2, 6, 5
 # name -> (feature_map, gating (None / 'decay' / 'gates' / 'strong_gates'), normalize, dtype)
@@ -36,8 +36,8 @@ CASES = {
 CHUNK_OVERRIDES = {"gla_strong_gates_chunk32": 32}
 # (implementation, form, chunk_size): the forms checked against `naive`. Chunks are legal for each kernel.
 FORMS = [("reference", "recurrent", None), ("xla", "chunk", 8)] + [
-    (name, "chunk", 16 if name == "interpret_gpu" else 8)
-    for name in _dispatch.cpu_runnable(IMPLEMENTATIONS) if name.startswith("interpret")]
+    (name, "chunk", 16 if interpreted(name) == "interpret_gpu" else 8)
+    for name in _dispatch.runnable(IMPLEMENTATIONS) if interpreted(name).startswith("interpret")]
 GRADIENTS = ("dq", "dk", "dv", "d_log_decay", "d_log_gates", "d_initial_state")
 
 

@@ -4,7 +4,7 @@
   NumPy from the published algorithms (torch.linspace's float32 formula, float32 means and scales) -> exactly equal.
 - Block-wise quantization of a state tensor: absmax per block, nearest code by float64 distances (argmin: ties to
   the lower code), the never-zero rule of the unsigned 8-bit map -> codes and absmax exactly equal.
-- The step: every CPU-runnable implementation x (8-bit, Li et al. 4-bit maps) on several tiles with a ragged last
+- The step: every implementation runnable here x (8-bit, Li et al. 4-bit maps) on several tiles with a ragged last
   one (plus one-tile and naive-4-bit cases) against a float32 NumPy re-derivation in the same order of operations
   (no fused multiply-adds, as the op pins every product's rounding; reciprocals of the per-block absmax and of
   the bias corrections, as the op writes out XLA's rewrite of a division by a broadcast). All five outputs are
@@ -22,6 +22,7 @@ import pytest
 from pallas_kernels import _dispatch
 from pallas_kernels.lowbit_adam import (IMPLEMENTATIONS, MAPS, blockwise_adam_update, cost, dequantize_blocks, maps,
                                         quantize_blocks, tpu)
+from tests.helpers import interpreted
 
 F32 = np.float32
 MAP_PAIRS = {"8bit": ("dynamic_signed_8", "dynamic_unsigned_8"), "4bit": ("de_signed_4", "linear_unsigned_4_nozero"),
@@ -130,11 +131,11 @@ def _tile(implementation, n_blocks):
 
 @pytest.mark.parametrize("shape", [(40, 32)], ids=["ragged_tiles"])  # 2 (TPU) / 3 (GPU) programs, last one partial
 @pytest.mark.parametrize("pair", ["8bit", "4bit"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_update_matches_numpy_and_reference(implementation, pair, shape):
   m_map, v_map = MAP_PAIRS[pair]
   n_blocks, block = shape
-  if implementation == "interpret_gpu" and pair != "8bit" and n_blocks > 16:
+  if interpreted(implementation) == "interpret_gpu" and pair != "8bit" and n_blocks > 16:
     n_blocks = 48  # 4-bit GPU tiles are >= 16 blocks (tl.dot): 48 blocks in 16-block tiles, last one ragged
   args = random_state(n_blocks, block, m_map, v_map)
   count, lr = 3, F32(1e-3)

@@ -1,4 +1,4 @@
-"""matmul: every CPU-runnable implementation vs plain f32 jnp, forward and all gradients; bad inputs; cost model."""
+"""matmul: every implementation runnable here vs plain f32 jnp, forward and all gradients; bad inputs; cost model."""
 import functools
 
 import jax
@@ -38,7 +38,7 @@ def _expected(x, w, bias, dy):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_matmul_matches_reference(implementation, dtype, case):
   x_shape, n, with_bias, (block_m, block_n, block_k), out_dtype = CASES[case]
   rng = np.random.default_rng(0)

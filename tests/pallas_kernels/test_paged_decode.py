@@ -1,4 +1,4 @@
-"""paged_decode: every CPU-runnable implementation vs a NumPy re-derivation (float, int8, int4 pages; f32/bf16;
+"""paged_decode: every implementation runnable here vs a NumPy re-derivation (float, int8, int4 pages; f32/bf16;
 ragged lengths incl. 0; shuffled, non-contiguous page tables with garbage past each sequence's pages; GQA/MQA;
 splits and pages per block), a TPU interpret run with race detection, the cost model (pages fetched, traffic
 vs the cache bytes), and bad input."""
@@ -86,7 +86,7 @@ def numpy_paged_decode(q, pages, table, lengths, bits):
 
 
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_paged_decode_matches_numpy(implementation, case):
   *shape, bits, dtype, lengths, options = CASES[case]
   q, pages, table, lengths_arr = make_case(*shape, bits, dtype, lengths)

@@ -1,4 +1,4 @@
-"""quant_decode: every CPU-runnable implementation vs a NumPy re-derivation (int8 and packed int4 KIVI caches;
+"""quant_decode: every implementation runnable here vs a NumPy re-derivation (int8 and packed int4 KIVI caches;
 ragged lengths incl. 0, shorter than one group, a multiple of the group, partial; stale NaN slots; GQA; splits
 and blocks of groups), per-key logits and lse, a TPU interpret run with race detection, the cost model's
 traffic vs the packed cache bytes, and bad input."""
@@ -11,7 +11,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels import _dispatch
 from pallas_kernels.quant_decode import IMPLEMENTATIONS, cost, quant_decode, tpu
-from tests.helpers import TOLERANCE, assert_close
+from tests.helpers import TOLERANCE, assert_close, interpreted
 
 B, H, H_KV, D, S, G = 4, 4, 2, 32, 64, 32  # G = 32: the TPU kernel's smallest group; 2 groups of slots
 LENGTHS = (45, 32, 13, 0)  # open group of 13; a multiple of G (empty open group); below one group; empty
@@ -78,10 +78,11 @@ def _args(q, a):
 
 
 @pytest.mark.parametrize("bits", [8, 4])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_matches_numpy(implementation, bits):
   q, a = make_cache(bits, jnp.float32)
-  out = quant_decode(*_args(q, a), bits=bits, implementation=implementation, **OPTIONS[implementation])
+  out = quant_decode(*_args(q, a), bits=bits, implementation=implementation,
+                     **OPTIONS[interpreted(implementation)])
   expected, _, _ = numpy_quant_decode(q, a, LENGTHS, bits)
   assert out.dtype == q.dtype and out.shape == q.shape
   assert_close(f"{implementation} int{bits}", out, expected, TOLERANCE[jnp.dtype(jnp.float32)])

@@ -1,4 +1,4 @@
-"""quant_matmul: every CPU-runnable implementation vs dequantize-then-f32-matmul (efficient.quant's own
+"""quant_matmul: every implementation runnable here vs dequantize-then-f32-matmul (efficient.quant's own
 dequantization, independent of the op's), forward and the activation gradient; bad inputs; cost model."""
 import functools
 
@@ -48,7 +48,7 @@ def _op(q, implementation, blocks=(None, None), out_dtype=None):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_quant_matmul_matches_dequantized_f32_matmul(implementation, dtype, case):
   x, q, dy = _inputs(case, dtype)
   blocks, out_dtype = CASES[case][4], CASES[case][5]

@@ -1,4 +1,4 @@
-"""rms_norm: every CPU-runnable implementation vs plain f32 jnp, forward and all gradients; bad inputs; cost."""
+"""rms_norm: every implementation runnable here vs plain f32 jnp, forward and all gradients; bad inputs; cost."""
 import functools
 
 import jax
@@ -29,7 +29,7 @@ def _expected(x, weight, dy, eps):
 
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("implementation", _dispatch.cpu_runnable(IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", _dispatch.runnable(IMPLEMENTATIONS))
 def test_rms_norm_matches_reference(implementation, dtype, case):
   x_shape, weight_dtype, block_rows, eps = CASES[case]
   rng = np.random.default_rng(0)
