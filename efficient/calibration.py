@@ -63,12 +63,10 @@ def natural_key(path: str):
   return [(0, int(s), "") if s.isdigit() else (1, 0, s) for s in path.split("/")]
 
 
-def match_rules(model: nnx.Module, rules, *, config_type: type, types=LINEAR_TYPES,
-                kind: str = "linear") -> dict[str, tuple]:
-  """{path: (module, config)} for every module of `types` the rules give a config: `rules` is a sequence of
-  (path regex, config | None) pairs (or a {regex: config} mapping); the first rule whose regex matches the path
-  in full wins, None leaves the module as it is. Raises ValueError for a malformed rule, for a rule whose regex
-  matches no module path (naming the rule), and for a model with no module of `types`."""
+def compile_rules(rules, *, config_type: type) -> list[tuple[str, re.Pattern, object]]:
+  """`rules` -- (path regex, config | None) pairs or a {regex: config} mapping -- as (pattern, compiled regex,
+  config) triples; ValueError for an empty list, a malformed pair, a config not of `config_type` or a bad regex
+  (each naming the rule)."""
   rules = list(rules.items()) if isinstance(rules, Mapping) else list(rules)
   if not rules:
     raise ValueError(f"rules must hold at least one (path regex, {config_type.__name__} | None) pair.")
@@ -81,22 +79,56 @@ def match_rules(model: nnx.Module, rules, *, config_type: type, types=LINEAR_TYP
       raise ValueError(f"rules[{i}] ({pattern!r}): the config must be a {config_type.__name__} or None; "
                        f"got {type(config).__name__}.")
     compiled.append((pattern, _compile(pattern, f"rules[{i}]"), config))
+  return compiled
+
+
+def match_paths(compiled, paths: Sequence[str], *, kind: str = "linear layer") -> dict[str, tuple[int, object]]:
+  """{path: (index of the first rule matching it in full, that rule's config -- None included)} over `paths`
+  (rules from `compile_rules`); paths no rule matches are left out. A rule matching no path is a ValueError
+  naming it (`kind` says what the paths are, e.g. 'parameter')."""
+  paths = list(paths)
+  for i, (pattern, regex, _) in enumerate(compiled):
+    if not any(regex.fullmatch(p) for p in paths):
+      raise ValueError(f"rules[{i}] {pattern!r} matches no {kind} path in full (re.fullmatch); the model's "
+                       f"paths look like {paths[:3]}.")
+  matched = {}
+  for path in paths:
+    for i, (_, regex, config) in enumerate(compiled):
+      if regex.fullmatch(path):
+        matched[path] = (i, config)
+        break
+  return matched
+
+
+def match_rules(model: nnx.Module, rules, *, config_type: type, types=LINEAR_TYPES,
+                kind: str = "linear") -> dict[str, tuple]:
+  """{path: (module, config)} for every module of `types` the rules give a config: `rules` is a sequence of
+  (path regex, config | None) pairs (or a {regex: config} mapping); the first rule whose regex matches the path
+  in full wins, None leaves the module as it is. Raises ValueError for a malformed rule, for a rule whose regex
+  matches no module path (naming the rule), and for a model with no module of `types`."""
+  compiled = compile_rules(rules, config_type=config_type)
   modules = einsum_modules(model, types=types)
   if not modules:
     raise ValueError(f"model ({type(model).__name__}) has no {kind} layer ({_kind_names(types)}) for the rules "
                      f"to match.")
-  for i, (pattern, regex, _) in enumerate(compiled):
-    if not any(regex.fullmatch(p) for p in modules):
-      raise ValueError(f"rules[{i}] {pattern!r} matches no {kind} layer path in full (re.fullmatch); the model's "
-                       f"paths look like {list(modules)[:3]}.")
-  matched = {}
-  for path, module in modules.items():
-    for _, regex, config in compiled:
-      if regex.fullmatch(path):
-        if config is not None:
-          matched[path] = (module, config)
-        break
-  return matched
+  matched = match_paths(compiled, modules, kind=f"{kind} layer")
+  return {path: (modules[path], config) for path, (_, config) in matched.items() if config is not None}
+
+
+def tree_path_str(key_path) -> str:
+  """A jax key path (DictKey / SequenceKey / GetAttrKey entries) as 'blocks/0/mlp/gate/kernel'; the 'value'
+  attribute of an `nnx.Variable` is skipped, so a param tree and its unwrapped arrays give the same string."""
+  parts = []
+  for key in key_path:
+    name = getattr(key, "key", getattr(key, "idx", getattr(key, "name", None)))
+    if name != "value":
+      parts.append(str(name))
+  return "/".join(parts)
+
+
+def param_paths(model: nnx.Module) -> dict[str, nnx.Variable]:
+  """{'blocks/0/mlp/gate/kernel': variable} of every `nnx.Param` of `model` (the paths parameter rules match)."""
+  return {path_str(p): v for p, v in nnx.to_flat_state(nnx.state(model, nnx.Param))}
 
 
 def _kind_names(types) -> str:

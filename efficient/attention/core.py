@@ -106,11 +106,18 @@ class MixerSpec:
   linear_attention: Any = None             # efficient.attention.LinearAttentionConfig ('linear'; None: defaults)
   based: Any = None                        # efficient.attention.BasedConfig ('based'; None: defaults)
   attention_implementation: str | None = None  # flash_attention's; None: the pallas_kernels policy
+  # Softmax/window layers: logits = multiplier * q.k / sqrt(head_dim), applied to q (exact: logits are linear in
+  # q; RoPE is linear too), so every kernel and KV cache keeps its 1/sqrt(head_dim). μP's 1/d attention is
+  # multiplier sqrt(base_head_dim / head_dim).
+  attention_multiplier: float = 1.0
 
   def __post_init__(self):
     for name in ("embed_dim", "num_heads", "num_kv_heads", "head_dim"):
       if getattr(self, name) < 1:
         raise ValueError(f"MixerSpec.{name} must be >= 1, got {getattr(self, name)}.")
+    if not (isinstance(self.attention_multiplier, (int, float)) and 0 < self.attention_multiplier < float("inf")):
+      raise ValueError(f"MixerSpec.attention_multiplier must be a positive finite number, got "
+                       f"{self.attention_multiplier!r}.")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(f"MixerSpec.num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
                        f"({self.num_kv_heads}).")

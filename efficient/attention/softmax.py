@@ -75,6 +75,8 @@ class Attention(nnx.Module):
     q, k, v = self.q(x), self.k(x), self.v(x)
     if self.spec.rope_theta is not None:
       q, k = core.rope(q, positions, self.spec.rope_theta), core.rope(k, positions, self.spec.rope_theta)
+    if self.spec.attention_multiplier != 1.0:  # the logit scale knob (MixerSpec), folded into q
+      q = (q * self.spec.attention_multiplier).astype(q.dtype)
     return q, k, v
 
   def __call__(self, x, *, positions, segment_ids=None, attention_fn=None, cache=None, cache_positions=None,

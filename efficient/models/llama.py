@@ -28,7 +28,10 @@ from efficient.quant import kv_cache as _kv_cache  # noqa: F401  registers the i
 # their defaults so signatures of existing checkpoints (and everything keyed on them) are unchanged.
 _OMIT_AT_DEFAULT = {"attention": "softmax", "attention_schedule": None, "sliding_window": None,
                     "linear_attention": None, "based": None, "attention_implementation": None,
-                    "remat": "none", "saved_activations": "float"}
+                    "remat": "none", "saved_activations": "float", "attention_multiplier": 1.0,
+                    "logits_multiplier": 1.0}
+# Mixer kinds whose softmax logits `attention_multiplier` scales.
+_LOGIT_MIXERS = ("softmax", "window")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,6 +66,11 @@ class LlamaConfig:
   # SiLU keep int8 codes of its input for the backward (Mesa). Neither changes the forward's numbers.
   remat: str = "none"
   saved_activations: str = "float"
+  # Width-scaling knobs (1.0: the standard model; `efficient.models.parametrization.mup_config` sets both for
+  # μP): softmax logits = attention_multiplier * q.k / sqrt(head_dim) (see core.MixerSpec), and the output
+  # logits times logits_multiplier (μP's readout multiplier 1/width_mult, which works with tied embeddings).
+  attention_multiplier: float = 1.0
+  logits_multiplier: float = 1.0
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads", "head_dim", "mlp_dim"):
@@ -83,6 +91,14 @@ class LlamaConfig:
     activations.check_choice(self.remat, activations.REMAT_POLICIES, name="LlamaConfig.remat")
     activations.check_choice(self.saved_activations, activations.SAVED_ACTIVATIONS,
                              name="LlamaConfig.saved_activations")
+    for name in ("attention_multiplier", "logits_multiplier"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"LlamaConfig.{name} must be a positive finite number, got {value!r}.")
+    others = sorted(set(kinds) - set(_LOGIT_MIXERS))
+    if self.attention_multiplier != 1.0 and others:
+      raise ValueError(f"LlamaConfig.attention_multiplier={self.attention_multiplier} scales softmax logits; "
+                       f"{others} layers have none ({_LOGIT_MIXERS} do).")
 
   def layer_kinds(self) -> tuple[str, ...]:
     """The token mixer of every layer, from `attention_schedule` (comma-separated) or `attention`."""
@@ -105,7 +121,8 @@ class LlamaConfig:
                           head_dim=self.head_dim, rope_theta=self.rope_theta, param_dtype=self.param_dtype,
                           compute_dtype=self.compute_dtype, init_std=self.init_std,
                           sliding_window=self.sliding_window, linear_attention=self.linear_attention,
-                          based=self.based, attention_implementation=self.attention_implementation)
+                          based=self.based, attention_implementation=self.attention_implementation,
+                          attention_multiplier=self.attention_multiplier)
 
   def replace(self, **changes) -> "LlamaConfig":
     return dataclasses.replace(self, **changes)
@@ -226,6 +243,8 @@ class Llama(nnx.Module):
     x = self.final_norm(x)
     head = self.embedding[...].T if self.config.tie_embeddings else self.lm_head[...]
     logits = jnp.einsum("btd,dv->btv", x, head.astype(dtype), preferred_element_type=jnp.float32)
+    if self.config.logits_multiplier != 1.0:
+      logits = logits * self.config.logits_multiplier
     if cache is None:
       return logits
     new_cache = {"index": index + length, "positions": cache_positions, "layers": new_layers}

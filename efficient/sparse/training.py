@@ -29,6 +29,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+from efficient import calibration
+
 _is_none = lambda x: x is None
 
 
@@ -38,13 +40,8 @@ class SparseUpdatesState(NamedTuple):
   step: jax.Array
 
 
-def _path_string(path) -> str:
-  parts = []
-  for key in path:
-    name = getattr(key, "key", getattr(key, "idx", getattr(key, "name", None)))
-    if name != "value":
-      parts.append(str(name))
-  return "/".join(parts)
+# 'blocks/0/mlp/gate/kernel' of a jax key path (the one spelling every path rule uses).
+_path_string = calibration.tree_path_str
 
 
 def masks_for(params, masks_by_path: Mapping[str, Any]):

@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL_FREE = ("efficient.quant", "efficient.sparse", "efficient.attention", "efficient.calibration",
-              "efficient.nn", "efficient.sharding", "efficient.train", "efficient.measure", "efficient.data")
+              "efficient.nn", "efficient.sharding", "efficient.train", "efficient.measure", "efficient.data",
+              "efficient.optim", "efficient.scaling")
 
 
 def _module_name(path: Path) -> str:
