@@ -18,10 +18,10 @@ Runtime: the default runs the 6 rows of QUICK_ROWS (about 10 min on 2 cores). `-
 loop costs ~1-2 ms, ~1.5 s per matrix x 210).
 
 KV rows (`--config.rows=float32,kv-int8,kv-int4,kv-int4-ktoken`; all three are in `all`): float32 + kv-int8 +
-kv-int4 with the decode timing: each decode timing compiles and runs 6 `generate` calls (float cache, fused
-quantized cache, dequantize-all quantized cache; 1 and decode_tokens + 1 tokens each) x (1 + timing_repeats) with a
-`decode_prompt_len` prompt, minutes per row on a quiet 2-core CPU, far more under load; `--config.decode_tokens=0`
-skips the timing.
+kv-int4 with the decode timing: each decode timing prefills three caches (float, fused quantized, dequantize-all
+quantized) with a `decode_prompt_len` prompt once and times `decode_tokens` greedy steps from each, alternating,
+(1 + max(timing_repeats, 5)) times: a few minutes per row on a quiet 2-core CPU; `--config.decode_tokens=0` skips
+the timing.
 
 Group sizes: SmolLM2's q/k/v/o/gate/up contract over K = 576, which 128 does not divide, so the 4/3-bit rows
 use groups of 64 (GPTQ's usual g128 would only fit `down`).
@@ -72,7 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
   config.timing_repeats = 3
   config.kv_group_size = kv_cache.DEFAULT_GROUP_SIZE  # kv-* rows: K tokens per per-channel scale
   config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
-  config.decode_prompt_len = 512   # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
+  config.decode_prompt_len = 2048  # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
   config.decode_tokens = 32         # 0: skip the decode timing
   config.minilm_model = "all-minilm-l6-v2"  # MiniLM rows: a BERT model name or Hugging Face folder
   config.minilm_rows = MINILM_QUICK_ROWS    # '' skips them; 'all' runs every row of MINILM_ROWS
@@ -287,37 +287,56 @@ def kv_bytes(model_config, row: KVRow | None, config) -> dict:
   return {"kv_bytes_per_token": quantized, "kv_ratio": quantized / float_bytes, "kv_bytes_len": length}
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, state, prompt, cache):
+  logits, cache = nnx.merge(graphdef, state)(prompt, cache=cache)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _greedy_steps(graphdef, state, token, cache, *, steps):
+  """`steps` greedy decode steps from a prefilled cache: [B, steps + 1] tokens (the first is `token`)."""
+  model = nnx.merge(graphdef, state)
+
+  def step(carry, _):
+    token, cache = carry
+    logits, cache = model(token[:, None], cache=cache)
+    return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), token
+
+  (last, _), tokens = jax.lax.scan(step, (token, cache), None, length=steps)
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+
+
 def decode_speed(model, kv_format, config) -> dict:
   """Greedy decode tokens/s of three caches side by side: float, the quantized cache read in place by
   `pallas_kernels.quant_decode` (the fused path `generate` takes), and the same quantized cache with the op forced
   to its reference (`pallas_kernels.implementation("reference")`: the whole cache dequantized every step, the
-  pre-fusion cost). Per token: the extra time of `decode_tokens`+1 generated tokens over 1 (same prefill, so the
-  policy's effect on the prefill cancels), all six calls alternating (`time_side_by_side`)."""
+  pre-fusion cost). Each cache is prefilled once with the `decode_prompt_len` prompt (untimed); the timed call is
+  `decode_tokens` greedy steps from that cache, the three calls alternating (`time_side_by_side`), so prefill
+  noise does not enter the per-token time. `tokens` holds each cache's greedy continuation."""
   prompt = jax.random.randint(jax.random.key(1), (1, config.decode_prompt_len), 0, model.config.vocab_size,
                               dtype=jnp.int32)
-  n = config.decode_tokens
-
-  def call(fmt, count, policy):
-    run = functools.partial(llama.generate, model, prompt, count, kv_format=fmt,
-                            kv_group_size=None if fmt is None else config.kv_group_size)
-    if policy is None:
-      return run
-
-    def under_policy():
-      with pallas_kernels.implementation(policy):
-        return run()
-    return under_policy
-
+  steps = config.decode_tokens
+  graphdef, state = nnx.split(model)
   caches = {"float": (None, None), "fused": (kv_format, None), "dequantize_all": (kv_format, "reference")}
-  calls = {f"{cache}_{count}": call(fmt, count, policy) for cache, (fmt, policy) in caches.items()
-           for count in (1, n + 1)}
-  timings = common.time_side_by_side(calls, repeats=config.timing_repeats)
-  per_token = {cache: (timings[f"{cache}_{n + 1}"]["median_s"] - timings[f"{cache}_1"]["median_s"]) / n
-               for cache in caches}
-  ratio = lambda a, b: per_token[b] / per_token[a] if min(per_token[a], per_token[b]) > 0 else float("nan")
-  return {"tokens_per_s": {cache: 1.0 / s if s > 0 else float("nan") for cache, s in per_token.items()},
+  calls, tokens = {}, {}
+  for name, (fmt, policy) in caches.items():
+    with pallas_kernels.implementation(policy):
+      cache = llama.init_cache(model.config, 1, config.decode_prompt_len + steps, kv_format=fmt,
+                               kv_group_size=None if fmt is None else config.kv_group_size)
+      first, cache = _prefill(graphdef, state, prompt, cache)
+
+    def run(first=first, cache=cache, policy=policy):
+      with pallas_kernels.implementation(policy):  # part of the jit cache key: each policy has its own trace
+        return _greedy_steps(graphdef, state, first, cache, steps=steps)
+    calls[name] = run
+    tokens[name] = np.asarray(run())[0].tolist()
+  timings = common.time_side_by_side(calls, repeats=max(config.timing_repeats, 5))
+  per_token = {name: timings[name]["median_s"] / steps for name in caches}
+  ratio = lambda a, b: per_token[b] / per_token[a]
+  return {"tokens_per_s": {name: 1.0 / s for name, s in per_token.items()},
           "speed_ratio": ratio("fused", "float"), "fused_speedup": ratio("fused", "dequantize_all"),
-          "prompt_len": config.decode_prompt_len, "timings": timings}
+          "prompt_len": config.decode_prompt_len, "timings": timings, "tokens": tokens}
 
 
 def _minilm_names(config) -> list[str]:
@@ -538,7 +557,9 @@ def _smollm2_report(workdir, config, rows, tables, notes, plots):
       f"{config.kv_group_size} slots, the open group kept in float (KIVI's residual), so in these "
       f"{config.eval_seq_len}-token sequences a query sees up to {config.kv_group_size - 1} float keys; "
       f"KV bytes/token measured on a {next(iter(rows.values()))['kv_bytes_len']}-slot cache (all layers); "
-      f"decode: prompt {config.decode_prompt_len}, {config.decode_tokens} greedy tokens (batch 1); 'before' "
+      f"decode: each cache prefilled once with a {config.decode_prompt_len}-token prompt (untimed), then "
+      f"{config.decode_tokens} greedy steps timed (batch 1, median of {max(config.timing_repeats, 5)} alternating "
+      "runs; the weights' 0.5 GB per step dominate the bytes, the cache adds 1-20% of them); 'before' "
       "forces pallas_kernels.quant_decode to its reference (the whole cache dequantized every step, as before "
       "the fused path), 'after' is the default path (on CPU quant_decode's XLA loop: one chunk of groups "
       "dequantized at a time inside the online softmax; the Pallas kernels on TPU/GPU).")

@@ -1,6 +1,8 @@
 """experiments.ptq end to end on the tiny random-init model (the SmolLM2 run is the experiment itself)."""
 import json
 
+import jax
+import numpy as np
 import pytest
 
 from experiments import ptq
@@ -32,3 +34,21 @@ def test_unknown_row_is_refused(tmp_path):
   config.rows = "float32,w9"
   with pytest.raises(ValueError, match="w9"):
     ptq.run(config, str(tmp_path))
+
+
+def test_decode_timing_decodes_like_generate():
+  """The timed decode loop (prefill once, then greedy steps) continues exactly as `llama.generate` does; the
+  fused and dequantize-all paths read the same quantized cache, so their greedy tokens agree."""
+  import jax.numpy as jnp
+  from efficient import models
+  from efficient.models import llama
+  model = models.load("tiny", dtype=jnp.float32).model
+  config = ptq.default_config()
+  config.update(decode_prompt_len=24, decode_tokens=6, timing_repeats=1, kv_group_size=8)
+  result = ptq.decode_speed(model, "int8", config)
+  prompt = jax.random.randint(jax.random.key(1), (1, 24), 0, model.config.vocab_size, dtype=jnp.int32)
+  expected = np.asarray(llama.generate(model, prompt, 7))[0].tolist()
+  assert result["tokens"]["float"] == expected
+  assert result["tokens"]["fused"] == result["tokens"]["dequantize_all"]
+  assert set(result["tokens_per_s"]) == {"float", "fused", "dequantize_all"}
+  assert all(np.isfinite(v) and v > 0 for v in result["tokens_per_s"].values())
