@@ -24,7 +24,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch, _util, packing
 from pallas_kernels.flash_attention import _common as flash_common
@@ -82,11 +81,10 @@ def _run(q, pages, page_table, lengths, *, implementation, bits=None, scale=None
   pages_per_block, num_splits = resolve_blocks(implementation, page_size, max_pages, pages_per_block, num_splits)
   geometry = flash_common.Geometry(q_len=1, kv_len=max_pages * page_size, block_q=1, block_kv=page_size,
                                    causal=False, window=None, soft_cap=None, scale=scale)
-  modelled = cost(q.shape, pages["k"].shape, max_pages, dtype=q.dtype, bits=bits, pages_per_block=pages_per_block,
-                  num_splits=num_splits)
-  estimate = pl.CostEstimate(flops=modelled["flops"], transcendentals=int(q.shape[0] * q.shape[1] * max_pages
-                                                                          * page_size),
-                             bytes_accessed=modelled["hbm_bytes"])
+  # The resolved blocks are those of this implementation's own kernel, so they go to the model as they are.
+  estimate = _util.cost_estimate(cost, q.shape, pages["k"].shape, max_pages, implementation=implementation,
+                                 transcendentals=q.shape[0] * q.shape[1] * max_pages * page_size, dtype=q.dtype,
+                                 bits=bits, pages_per_block=pages_per_block, num_splits=num_splits)
   return module.decode(q, {name: pages[name] for name in _common.names(bits)}, page_table, lengths,
                        geometry=geometry, bits=bits, pages_per_block=pages_per_block, num_splits=num_splits,
                        interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)

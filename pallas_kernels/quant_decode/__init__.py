@@ -36,7 +36,6 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import pallas as pl
 
 from pallas_kernels import _dispatch, _util, packing
 from pallas_kernels.quant_decode import _common, gpu, reference, tpu, xla
@@ -89,10 +88,10 @@ def _run(q, k_codes, k_scale, k_zero, k_residual, v_codes, v_scale, v_zero, leng
     return _common.with_residual(q, None, residual, False)
   module.check_shapes(q.shape[-1], group_size, bits)
   block, splits = resolve_blocks(implementation, full_groups, group_size, block_groups, num_splits)
-  modelled = cost(q.shape, v_codes.shape[:3] + (q.shape[-1],), group_size=group_size, dtype=q.dtype, bits=bits,
-                  block_groups=block, num_splits=splits)
-  estimate = pl.CostEstimate(flops=modelled["flops"], transcendentals=int(q.shape[0] * q.shape[1] * max_len),
-                             bytes_accessed=modelled["hbm_bytes"])
+  # The resolved blocks are those of this implementation's own kernel, so they go to the model as they are.
+  estimate = _util.cost_estimate(cost, q.shape, v_codes.shape[:3] + (q.shape[-1],), implementation=implementation,
+                                 transcendentals=q.shape[0] * q.shape[1] * max_len, group_size=group_size,
+                                 dtype=q.dtype, bits=bits, block_groups=block, num_splits=splits)
   parts = module.decode(*arrays, bits=bits, scale=scale, block_groups=block, num_splits=splits,
                         interpret=_dispatch.interpret_params(implementation), cost_estimate=estimate)
   return _common.with_residual(q, parts, residual, False)

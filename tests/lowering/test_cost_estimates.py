@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from tests.helpers import export_lowered
+from tests.lowering import test_paged_decode_lowering as paged_case, test_quant_decode_lowering as quant_case
 
 # `pallas_kernels.<op>` is re-exported as the op function; the modules hold `_run` (no dispatch) and `cost`.
 bsr_op, flash_op, gmm_op, int8_op, linear_op, adam_op, matmul_op, quant_op, rms_op = (
@@ -174,3 +175,30 @@ def test_backward_kernels_trace_with_their_estimates(case, implementation):
 
   estimates = traced_estimates(forward_and_grad, first, *rest)
   assert (len(estimates), sum(e is not None for e in estimates)) == BACKWARD_KERNELS[case]
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize("op_name,bits", [("quant_decode", 8), ("quant_decode", 4), ("paged_decode", None),
+                                          ("paged_decode", 4)])
+def test_decode_kernels_trace_with_the_cost_of_their_resolved_blocks(op_name, bits, implementation):
+  """The decode ops resolve their blocks per implementation (TPU: several groups/pages per step; GPU: one), and
+  the estimate is the op's `cost()` at exactly those blocks."""
+  module = importlib.import_module(f"pallas_kernels.{op_name}")
+  if op_name == "quant_decode":
+    args = quant_case._cache(bits)
+    q, v_codes, k_residual = args[0], args[5], args[4]
+    group = k_residual.shape[1]
+    blocks, splits = module.resolve_blocks(implementation, v_codes.shape[1] // group, group)
+    modelled = module.cost(q.shape, v_codes.shape[:3] + (q.shape[-1],), group_size=group, bits=bits,
+                           dtype=q.dtype, block_groups=blocks, num_splits=splits)
+    slots = v_codes.shape[1]
+  else:
+    args = paged_case._args(9, 3, 64, bits)
+    q, pages, page_table = args[0], args[1], args[2]
+    blocks, splits = module.resolve_blocks(implementation, pages["k"].shape[1], page_table.shape[1])
+    modelled = module.cost(q.shape, pages["k"].shape, page_table.shape[1], dtype=q.dtype, bits=bits,
+                           pages_per_block=blocks, num_splits=splits)
+    slots = page_table.shape[1] * pages["k"].shape[1]
+  (estimate,) = traced_estimates(functools.partial(module._run, implementation=implementation, bits=bits), *args)
+  assert estimate is not None and (estimate.flops, estimate.bytes_accessed) == _numbers(modelled)
+  assert estimate.transcendentals == q.shape[0] * q.shape[1] * slots  # one exp per (query head, slot)
