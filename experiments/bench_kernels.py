@@ -255,7 +255,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, ops: str | None = None)
   workdir = common.prepare_workdir(workdir)
   backend = jax.default_backend()
   rows = []
-  for op in ops:
+  for op in common.progress(ops, desc="bench_kernels", unit="op"):
     for case in kernel_cases.build(op, config.size, dtype, backend, seed=config.seed):
       case_start = time.perf_counter()
       rows += bench_case(case, repeats=int(config.repeats), device=device)

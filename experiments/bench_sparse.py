@@ -6,7 +6,8 @@ At x [M, K] @ W [K, N] with (bk, bn) blocks kept at random at each block density
 `block_sparse_matmul.cost` (what the TPU kernel would move and compute) against `matmul.cost` (the dense kernel),
 and the wall time of our XLA block-sparse path ('xla': gather + batched einsum) against a dense jnp matmul of the
 same (masked) W, run alternately in one process (median of `repeats`). CPU times are not accelerator numbers;
-the modeled columns are what the Pallas kernels are designed to achieve on TPU.
+the modeled columns are what the Pallas kernels are designed to achieve on TPU. Writes results.json, results.md
+and bench_sparse.png (modeled ratios and CPU times against block density).
 """
 from __future__ import annotations
 
@@ -58,7 +59,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   dense_fn = jax.jit(lambda x, w: jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype))
   rows = {}
   started = time.perf_counter()
-  for density in densities:
+  for density in common.progress(densities, desc="bench_sparse", unit="density"):
     block_mask = random_block_mask(rng, kb, nb, density)
     w = from_block_mask(w_dense, block_mask, (block, block)).astype(dtype)
     w_masked = w.todense()
@@ -103,8 +104,38 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       notes="Modeled columns: `block_sparse_matmul.cost` (TPU kernel grid: stored blocks only) over "
             "`matmul.cost` (dense kernel, 128 blocks). CPU columns: XLA:CPU on a shared 2-core machine, "
             "alternating runs, medians; the XLA path gathers x blocks ([M, Nb, Tc, bk] copy), so it pays memory "
-            "traffic the Pallas kernels avoid.")
+            "traffic the Pallas kernels avoid.", plots=[_plot(workdir, rows)])
   return results
+
+
+def _plot(workdir, rows) -> str:
+  """Left: modeled flops / HBM bytes and stored bytes vs dense, against block density (the diagonal is
+  proportional); right: measured CPU ms of the XLA block-sparse path and the dense matmul."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  density = [r["density"] for r in rows.values()]
+  fig, (modeled, timed) = plt.subplots(1, 2, figsize=(9, 3.5))
+  modeled.plot(density, [r["modeled"]["flops"] / r["modeled_dense"]["flops"] for r in rows.values()], "o-",
+               label="modeled flops")
+  modeled.plot(density, [r["modeled"]["hbm_bytes"] / r["modeled_dense"]["hbm_bytes"] for r in rows.values()],
+               "s--", label="modeled HBM bytes")
+  modeled.plot(density, [r["stored_bytes"] / r["dense_bytes"] for r in rows.values()], "^:",
+               label="stored weight bytes")
+  modeled.plot([0, 1], [0, 1], color="k", lw=0.5)
+  modeled.set_xlabel("block density")
+  modeled.set_ylabel("x dense (TPU kernel model)")
+  modeled.legend(fontsize=8)
+  timed.plot(density, [r["timings"]["block_sparse"]["median_s"] * 1e3 for r in rows.values()], "o-",
+             label="block-sparse (xla path)")
+  timed.plot(density, [r["timings"]["dense"]["median_s"] * 1e3 for r in rows.values()], "s--",
+             label="dense jnp matmul")
+  timed.set_xlabel("block density")
+  timed.set_ylabel("CPU ms (median)")
+  timed.legend(fontsize=8)
+  for ax in (modeled, timed):
+    ax.grid(alpha=0.3)
+  return common.save_figure(fig, workdir, "bench_sparse.png")
 
 
 if __name__ == "__main__":

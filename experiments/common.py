@@ -1,4 +1,5 @@
-"""What every experiment shares: the workdir, version info, side-by-side timing, results.json / results.md."""
+"""What every experiment shares: the workdir, version info and command stamp, side-by-side timing, progress bars,
+results.json / results.md."""
 from __future__ import annotations
 
 import contextlib
@@ -9,6 +10,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import sys
@@ -17,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
+from tqdm.auto import tqdm
 
 from efficient.models import llama
 
@@ -52,6 +55,7 @@ def environment() -> dict:
       "cpu_count": os.cpu_count(),
       "jax_backend": jax.default_backend(),
       "jax_devices": [str(d) for d in jax.devices()],
+      "device_kind": jax.devices()[0].device_kind,
       "versions": versions,
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
@@ -80,10 +84,12 @@ def compilation_cache(directory: str):
     shutil.rmtree(directory, ignore_errors=True)
 
 
-def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1) -> dict:
+def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: int = 5, warmup: int = 1,
+                      desc: str | None = None) -> dict:
   """Median wall seconds of each zero-argument function, run alternately (A B A B ...) after warm-up.
 
-  Alternating makes the ratios robust to this shared CPU's drift; every result is block_until_ready'd.
+  Alternating makes the ratios robust to this shared CPU's drift; every result is block_until_ready'd. `desc`
+  given: a progress bar over the rounds (for long timings).
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}.")
@@ -91,7 +97,7 @@ def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: in
     for _ in range(warmup):
       jax.block_until_ready(fn())
   samples: dict[str, list[float]] = {name: [] for name in functions}
-  for _ in range(repeats):
+  for _ in range(repeats) if desc is None else progress(range(repeats), desc=desc, unit="round"):
     for name, fn in functions.items():
       start = time.perf_counter()
       jax.block_until_ready(fn())
@@ -99,7 +105,83 @@ def time_side_by_side(functions: Mapping[str, Callable[[], Any]], *, repeats: in
   return {name: {"median_s": statistics.median(times), "samples_s": times} for name, times in samples.items()}
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def command_line(experiment: str | None, config: Mapping, workdir: str) -> str:
+  """The command that reproduces a run of `experiments.<experiment>`: the exact one when this process is that
+  program (`python -m experiments.<experiment>` + sys.argv's flags), else the equivalent one (a test's or
+  `experiments.report`'s call of run(): --workdir plus every --config field that differs from the module's
+  default_config()). Not an experiment (`experiment` None): this process's own command line."""
+  main_module = getattr(sys.modules.get("__main__"), "__spec__", None)
+  if experiment is None or (main_module is not None and main_module.name == f"experiments.{experiment}"):
+    program = ["-m", main_module.name] if main_module is not None else [sys.argv[0]]
+    return shlex.join(["python", *program, *sys.argv[1:]])
+  module = sys.modules.get(f"experiments.{experiment}")
+  defaults = _flat(module.default_config().to_dict()) if hasattr(module, "default_config") else {}
+  changed = [f"--config.{name}={_flag_value(value)}" for name, value in _flat(dict(config)).items()
+             if name not in defaults or defaults[name] != value]
+  return shlex.join(["python", "-m", f"experiments.{experiment}", f"--workdir={_shown_path(workdir)}", *changed])
+
+
+def _flat(config: Mapping, prefix: str = "") -> dict:
+  flat = {}
+  for name, value in config.items():
+    if isinstance(value, Mapping):
+      flat.update(_flat(value, f"{prefix}{name}."))
+    else:
+      flat[f"{prefix}{name}"] = value
+  return flat
+
+
+def _flag_value(value) -> str:
+  # ml_collections parses tuples from '(a, b)' and bools from 'true'/'false'
+  if isinstance(value, bool):
+    return str(value).lower()
+  if isinstance(value, (list, tuple)):
+    return repr(tuple(value))
+  return str(value)
+
+
+def _shown_path(path: str) -> str:
+  """`path` relative to the working directory when it lies below it (a repository-relative workdir), else as is."""
+  relative = os.path.relpath(os.path.abspath(path))
+  return path if relative.startswith(os.pardir) else relative
+
+
+def _experiment_calling(frame) -> str | None:
+  """'prune' when `frame` runs code of experiments/prune.py (imported, or as `python -m experiments.prune`)."""
+  spec = frame.f_globals.get("__spec__")
+  name = spec.name if spec is not None else frame.f_globals.get("__name__", "")
+  return name.removeprefix("experiments.") if name.startswith("experiments.") else None
+
+
+def progress(iterable=None, *, desc: str, total: int | None = None, unit: str = "row"):
+  """A tqdm bar with elapsed time and ETA on stderr for an experiment's main loop (iterate it, or `update()` it).
+
+  On a terminal it redraws in place; in a log (stderr not a terminal) it writes one plain line at most every
+  30 s instead of carriage-return redraws, so logs stay readable. EFFICIENT_NO_PROGRESS=1 turns bars off.
+  """
+  interactive = sys.stderr.isatty()
+  return tqdm(iterable, desc=desc, total=total, unit=unit, dynamic_ncols=interactive,
+              file=sys.stderr if interactive else _LogLines(sys.stderr), mininterval=0.1 if interactive else 30.0,
+              bar_format=None if interactive else "{desc}: {n_fmt}/{total_fmt} {unit} [{elapsed}<{remaining}]",
+              disable=os.environ.get("EFFICIENT_NO_PROGRESS", "") not in ("", "0"))
+
+
+class _LogLines:
+  """A stream for tqdm that turns its '\r' redraws into one line per refresh."""
+
+  def __init__(self, stream):
+    self.stream = stream
+
+  def write(self, text: str) -> None:
+    line = text.replace("\r", "").rstrip()
+    if line:
+      self.stream.write(line + "\n")
+
+  def flush(self) -> None:
+    self.stream.flush()
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   lines += ["| " + " | ".join(str(cell).replace("|", "\\|") for cell in row) + " |" for row in rows]
   return "\n".join(lines)
@@ -107,21 +189,26 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def write_results(workdir: str, *, title: str, config: Mapping, results: Mapping, claims: Sequence[Claim],
                   tables: Mapping[str, tuple[Sequence[str], Sequence[Sequence[Any]]]] = (),
-                  notes: str = "", plots: Sequence[str] = ()) -> tuple[str, str]:
-  """Writes results.json (config, environment, every number) and results.md (claims table + other tables)."""
+                  notes: str = "", plots: Sequence[str] = (), command: str | None = None) -> tuple[str, str]:
+  """Writes results.json (config, environment, the command that reproduces it, every number) and results.md
+  (stamp, claims table, other tables). `command` defaults to `command_line` for the calling experiment."""
   env = environment()
-  payload = {"title": title, "config": dict(config), "environment": env, "results": dict(results),
-             "claims": [dataclasses.asdict(c) for c in claims], "plots": list(plots)}
+  if command is None:
+    command = command_line(_experiment_calling(sys._getframe(1)), config, workdir)
+  payload = {"title": title, "command": command, "config": dict(config), "environment": env,
+             "results": dict(results), "claims": [dataclasses.asdict(c) for c in claims], "plots": list(plots)}
   json_path = os.path.join(workdir, "results.json")
   with open(json_path, "w") as f:
     json.dump(payload, f, indent=2, default=_json_default)
   parts = [f"# {title}", "",
            f"Python {env['python']}, jax {env['versions']['jax']}, flax {env['versions']['flax']}, "
-           f"{env['cpu_count']} CPU cores ({env['machine']}), backend {env['jax_backend']}, {env['date']}.", "",
-           "## Claims", "", _markdown_table(("seed claim", "measured", "verdict"),
+           f"{env['cpu_count']} CPU cores ({env['machine']}), backend {env['jax_backend']}"
+           + (f" ({env['device_kind']})" if env["device_kind"] != env["jax_backend"] else "")
+           + f", {env['date']}.", "", f"Command: `{command}`", "",
+           "## Claims", "", markdown_table(("seed claim", "measured", "verdict"),
                                             [(c.claim, c.measured, c.verdict) for c in claims])]
   for name, (header, rows) in dict(tables).items():
-    parts += ["", f"## {name}", "", _markdown_table(header, rows)]
+    parts += ["", f"## {name}", "", markdown_table(header, rows)]
   for plot in plots:
     parts += ["", f"![{os.path.basename(plot)}]({os.path.basename(plot)})"]
   if notes:

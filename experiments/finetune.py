@@ -226,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   rows = {}
   # Each row's step is compiled once for its memory analysis and once more by the trainer: the second is a hit.
   with common.compilation_cache(os.path.join(workdir, "compilation_cache")):
-    for row in rows_wanted:
+    for row in common.progress(rows_wanted, desc="finetune", unit="row"):
       print(f"[finetune] {row}: lr {rates[row]:g}, {config.steps} steps", flush=True)
       rows[row] = run_row(row, base, base_eval, dataset, validation, config, rates[row], workdir)
       r = rows[row]

@@ -167,7 +167,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                      f"model's max_seq_len {model.config.max_seq_len}.")
   document = prompt_tokens(loaded.tokenizer, max(prompt_lens))
   functions, compile_s, checks = {}, {}, {}
-  for prompt_len in prompt_lens:
+  for prompt_len in common.progress(prompt_lens, desc="idealized_runtime compile", unit="prompt"):
     prompt = jnp.asarray(document[:, :prompt_len])
     generate, compile_s[prompt_len] = compile_generate(model, prompt, max_out)
     print(f"[prompt {prompt_len}] compiled in {compile_s[prompt_len]:.1f} s", flush=True)
@@ -180,7 +180,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   checks["tokens_match_generate"] = bool((got == expected).all())
   print(f"tokens match llama.generate: {checks['tokens_match_generate']}", flush=True)
   print(f"timing {len(functions)} grid points alternately: 1 warm-up + {config.repeats} repeats each", flush=True)
-  timed = common.time_side_by_side({f"{p}x{o}": fn for (p, o), fn in functions.items()}, repeats=config.repeats)
+  timed = common.time_side_by_side({f"{p}x{o}": fn for (p, o), fn in functions.items()}, repeats=config.repeats,
+                                   desc="idealized_runtime timing")
   points = [{"prompt_len": p, "output_len": o, "median_s": timed[f"{p}x{o}"]["median_s"],
              "samples_s": timed[f"{p}x{o}"]["samples_s"]} for p, o in functions]
   fit = fit_runtime([r["prompt_len"] for r in points], [r["output_len"] for r in points],

@@ -193,7 +193,8 @@ def perplexity_test(config, names, model, tokenizer, on_cell=lambda out: None) -
          "cells": {}, "files_tokens": len(text) * length, "scored_positions": [scored.start, scored.stop]}
   print(f"[perplexity] full cache {out['full']['perplexity']:.3f} ({out['full']['seconds']:.0f} s)", flush=True)
   chosen_cells = [(s, f) for s, f in cells(config, names) if s != "int4" or config.perplexity_int4]
-  for storage, fraction in sorted(chosen_cells, key=lambda cell: (cell[0] != "float", -cell[1])):  # cheap first
+  cheap_first = sorted(chosen_cells, key=lambda cell: (cell[0] != "float", -cell[1]))
+  for storage, fraction in common.progress(cheap_first, desc="kv_policies perplexity", unit="cell"):
     started = time.perf_counter()
     nll, _ = budgeted_stream(model, tokens, targets, names, budget=slots[fraction], storage=storage,
                              sinks=config.sinks, chunk=config.chunk, share_prefix=True)
@@ -228,7 +229,7 @@ def train_mqar(config):
     updates, opt_state = optimizer.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, loss
 
-  for i in range(config.mqar_steps):
+  for i in common.progress(range(config.mqar_steps), desc="kv_policies MQAR training", unit="step"):
     params, opt_state, loss = step(params, opt_state, {k: jnp.asarray(v) for k, v in dataset.batch(i).items()})
     if (i + 1) % 500 == 0:
       print(f"  [mqar] step {i + 1}: loss {float(loss):.3f}", flush=True)
@@ -258,7 +259,7 @@ def mqar_test(config, names) -> dict:
          "chance": 2 / config.mqar_vocab_size, "queries": int(mask.sum())}
   print(f"[mqar] full-cache accuracy {100 * out['full']:.1f}% (trained in {train_seconds:.0f} s)", flush=True)
   slots = _budget_slots(common.config_list(config, "budgets", float), length, 1, "budgets")
-  for storage, fraction in cells(config, names):
+  for storage, fraction in common.progress(cells(config, names), desc="kv_policies MQAR", unit="cell"):
     budget = slots[fraction]
     _, predicted = budgeted_stream(model, tokens, targets, names, budget=budget, storage=storage,
                                    sinks=config.mqar_sinks, chunk=1, share_prefix=False)

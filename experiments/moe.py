@@ -287,7 +287,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              base.replace(mlp_dim=moe_config.num_experts * moe_config.expert_dim), None)}
   results = {}
   started = time.perf_counter()
-  for name in names:
+  for name in common.progress(names, desc="moe", unit="model"):
     print(f"{name}: {config.steps} steps", flush=True)
     results[name] = train_one(name, config, dataset, validation)
     results[name]["mlp_parameters_per_layer"] = mlp[name]

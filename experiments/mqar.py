@@ -259,7 +259,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   coverage = window_coverage(eval_dataset, config.window)
   results = {}
   started = time.perf_counter()
-  for name, model_config in model_configs(config).items():
+  for name, model_config in common.progress(model_configs(config).items(), desc="mqar", unit="model"):
     print(f"{name}: {config.steps} steps", flush=True)
     results[name] = train_one(model_config, dataset, eval_dataset, config)
     r = results[name]

@@ -43,7 +43,6 @@ import ml_collections
 import numpy as np
 import optax
 from flax import nnx
-from tqdm.auto import tqdm
 
 from efficient import data, scaling, train
 from efficient.models import llama, parametrization
@@ -329,7 +328,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   noise_seeds = [max(seeds) + k for k in range(1, config.noise_seeds + 1)]
   total = len(names) * len(widths) * len(learning_rates) * len(seeds) + len(learning_rates) * len(noise_seeds)
   records, runners = [], {}
-  with tqdm(total=total, desc="mup sweep", unit="run") as bar:
+  with common.progress(total=total, desc="mup sweep", unit="run") as bar:
     for name in names:
       records += sweep_parametrization(config, name, widths, learning_rates, seeds, validation, batches_of, bar,
                                        previous, runners)

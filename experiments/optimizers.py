@@ -139,7 +139,7 @@ def part_one(config, workdir, names) -> dict:
   runs = [(name, name, config.seed) for name in names]
   runs += [(f"adamw seed={config.seed + k}", "adamw", config.seed + k) for k in range(1, config.adamw_seeds)]
   rows = {}
-  for key, name, seed in runs:
+  for key, name, seed in common.progress(runs, desc="optimizers part 1", unit="run"):
     lr = rates.get(_optimizer(name)[0], config.learning_rate)
     train_config = _train_config(config, name, lr, steps=config.steps, warmup=config.warmup_steps,
                                  batch_size=config.batch_size, seq_len=config.seq_len)
@@ -170,7 +170,7 @@ def part_two(config, workdir, names) -> dict:
   validation = [held_out.batch(s) for s in range(config.smollm2_eval_batches)]
   before = train.evaluate(loaded.model, validation)
   rows = {}
-  for name in names:
+  for name in common.progress(names, desc="optimizers part 2", unit="run"):
     lr = rates.get(_optimizer(name)[0], config.smollm2_learning_rate)
     train_config = _train_config(config, name, lr, steps=config.smollm2_steps, warmup=0,
                                  batch_size=config.smollm2_batch_size, seq_len=config.smollm2_seq_len)

@@ -13,9 +13,12 @@ Every N:M row also runs with its kept values quantized to int4 (`--config.quanti
 with the sparsity mask fixed (pruned entries stay zero, kept ones absorb the quantization error: SparseGPT's joint
 sparsify + quantize, run as a second pass over the pruned weights with the same Hessians).
 
-Runtime: the committed results took 36 min on the shared 2-core CPU with 3-4 other jobs running (Hessian capture
-2.3 min, SparseGPT 8-9 min per pattern, magnitude/Wanda 1-2.5 min each before their mask selection dropped
-XLA:CPU's sort); on an idle machine expect roughly a third. `--config.methods=magnitude,wanda` skips SparseGPT.
+Writes results.json, results.md and prune.png (validation perplexity against the compressed bytes of the pruned
+matrices, one point per variant). No default run is kept in the repository yet: `python -m experiments.report
+--run=prune` makes one in experiments/results/prune/ and adds it to the results index. Runtime: a default run
+took 36 min on the shared 2-core CPU with 3-4 other jobs running (Hessian capture 2.3 min, SparseGPT 8-9 min per
+pattern, magnitude/Wanda 1-2.5 min each before their mask selection dropped XLA:CPU's sort); on an idle machine
+expect roughly a third. `--config.methods=magnitude,wanda` skips SparseGPT.
 """
 from __future__ import annotations
 
@@ -179,6 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     capture_seconds = time.perf_counter() - t0
 
   rows = {}
+  bar = common.progress(total=len(patterns) * len(methods), desc="prune", unit="variant")
   for pattern_name, pattern in patterns.items():
     for method in methods:
       name = f"{method} {pattern_name}"
@@ -210,6 +214,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rows[quantized_name].update(method=method, pattern=pattern_name, quantized=config.quantize_nm)
         print(f"[{quantized_name}] ppl {rows[quantized_name]['perplexity']:.3f}, "
               f"{rows[quantized_name]['bytes']['ratio']:.4f} of dense bytes", flush=True)
+      bar.update()
+  bar.close()
 
   claims = _claims(rows, patterns, methods)
   header = ("variant", "val ppl", "Δ ppl vs dense", "sparsity (pruned matrices)", "compressed MiB",
@@ -231,8 +237,31 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
              "(one-shot; the papers propagate pruned activations layer by layer). Pruned: every q/k/v/o/gate/up/"
              "down projection of the 30 blocks (the tied embedding is dense). Compressed bytes are measured from "
              "the stored arrays: 2:4 = f32 kept values + 2-bit positions; unstructured = f32 kept values + "
-             "1-bit mask."))
+             "1-bit mask."), plots=[_plot(workdir, rows, dense_eval)])
   return results
+
+
+def _plot(workdir, rows, dense_eval) -> str:
+  """Validation perplexity against compressed bytes / dense f32 bytes of the pruned matrices, per variant."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for i, method in enumerate(dict.fromkeys(r["method"] for r in rows.values())):
+    named = {name: r for name, r in rows.items() if r["method"] == method}
+    ax.scatter([r["bytes"]["ratio"] for r in named.values()], [r["perplexity"] for r in named.values()],
+               color=f"C{i}", label=method)
+    for name, r in named.items():
+      ax.annotate(name.removeprefix(f"{method} "), (r["bytes"]["ratio"], r["perplexity"]), fontsize=7,
+                  xytext=(3, 3), textcoords="offset points")
+  ax.axhline(dense_eval["perplexity"], color="k", lw=0.8, ls="--", label="dense")
+  ax.axvline(1.0, color="k", lw=0.5, ls=":")
+  ax.set_xlabel("compressed bytes / dense f32 bytes (pruned matrices)")
+  ax.set_ylabel("validation perplexity")
+  ax.set_title("Pruning SmolLM2-135M: size vs perplexity")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  return common.save_figure(fig, workdir, "prune.png")
 
 
 def _claims(rows: dict, patterns: dict, methods: list) -> list:

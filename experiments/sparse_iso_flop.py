@@ -257,6 +257,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step_for = make_step_factory(config)
   runs, summary = {}, {}
   started = time.perf_counter()
+  runs_total = len(seeds) * sum(len(methods) if width > 1 else 1 for width in widths)
+  bar = common.progress(total=runs_total, desc="sparse_iso_flop", unit="run")
   for width in sorted(widths):
     for method in (methods if width > 1 else [""]):
       label = _label(width, method)
@@ -267,7 +269,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         print(f"{label}, seed {seed}: validation loss {result['validation_loss']:.4f}, "
               f"{result['forward_flops_per_token']['total']:,.0f} FLOPs/token, {result['train_seconds']:.0f} s",
               flush=True)
+        bar.update()
       summary[label] = _summary(runs[label])
+  bar.close()
   wall = time.perf_counter() - started
   plot_path = plot(workdir, summary, sorted(widths), methods)
   dense = summary[_label(1, "")]

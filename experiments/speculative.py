@@ -114,7 +114,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   expected = [np.asarray(t) for t in jax.block_until_ready(plain())]
   rows = {}
-  for name in names:
+  for name in common.progress(names, desc="speculative", unit="draft"):
     t0 = time.perf_counter()
     kind, k = draft_tokens[name]
     draft = make_draft(kind, target, tokenizer, config)

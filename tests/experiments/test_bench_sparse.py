@@ -12,7 +12,11 @@ def test_bench_sparse_small(tmp_path):
   assert quarter["nnz_blocks"] == 4 and full["nnz_blocks"] == 16
   assert quarter["modeled"]["flops"] * 4 == full["modeled"]["flops"]
   assert quarter["max_abs_error"] < 1e-3 and full["max_abs_error"] < 1e-3
-  assert "| seed claim | measured | verdict |" in (tmp_path / "results.md").read_text()
+  markdown = (tmp_path / "results.md").read_text()
+  assert "| seed claim | measured | verdict |" in markdown and "![bench_sparse.png](bench_sparse.png)" in markdown
+  assert (tmp_path / "bench_sparse.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  # the stamp: the equivalent command line of this call (the fields changed from the default config)
+  assert "Command: `python -m experiments.bench_sparse --workdir=" in markdown and "--config.m=16" in markdown
 
 
 def test_bad_densities_are_refused(tmp_path):

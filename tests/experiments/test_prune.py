@@ -31,7 +31,10 @@ def test_prune_experiment_on_tiny_model(tmp_path):
   assert unstructured["ratio"] == pytest.approx(0.5 + 1 / 32)  # f32 halves + 1-bit mask, measured
   markdown = (tmp_path / "results.md").read_text()
   assert "| seed claim | measured | verdict |" in markdown and "SparseGPT <= Wanda < magnitude" in markdown
-  assert json.loads((tmp_path / "results.json").read_text())["results"]["dense"]["perplexity"] > 1
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["results"]["dense"]["perplexity"] > 1
+  assert saved["plots"] == [str(tmp_path / "prune.png")] and "![prune.png](prune.png)" in markdown
+  assert (tmp_path / "prune.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_quantized_nm_storage_keeps_the_pattern_within_half_a_step():
