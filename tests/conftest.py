@@ -9,6 +9,19 @@ import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 
+# One persistent compilation cache per test run, shared by the xdist workers: many tests compile the same programs
+# (the tiny Llama's forward, SmolLM2's, the kernels at their canonical shapes), and on 2 cores compiling is a large
+# share of the suite. EFFICIENT_TEST_COMPILATION_CACHE=off turns it off; a directory path chooses the location.
+import tempfile  # noqa: E402
+
+_CACHE_SETTING = os.environ.get("EFFICIENT_TEST_COMPILATION_CACHE", "")
+if _CACHE_SETTING != "off":
+  _RUN_ID = os.environ.get("PYTEST_XDIST_TESTRUNUID") or f"pid{os.getpid()}"
+  TEST_COMPILATION_CACHE = _CACHE_SETTING or os.path.join(tempfile.gettempdir(), f"efficient-jax-cache-{_RUN_ID}")
+  jax.config.update("jax_compilation_cache_dir", TEST_COMPILATION_CACHE)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
 
 # --- SmolLM2-135M real weights (shared by tests/efficient/test_smollm2_golden.py and the sharded variant) ---
 import json  # noqa: E402
