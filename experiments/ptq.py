@@ -74,6 +74,8 @@ def default_config() -> ml_collections.ConfigDict:
   config.kv_bytes_len = 4096       # kv-* rows: cache length the KV bytes/token are measured on (capped at max_seq_len)
   config.decode_prompt_len = 2048  # kv-* rows: greedy decode speed (float cache, fused, dequantize-all)
   config.decode_tokens = 32         # 0: skip the decode timing
+  config.weight_decode_prompt_len = 128  # weight rows: greedy decode (M = 1) tok/s beside the float model's
+  config.weight_decode_tokens = 16       # 0: skip it
   config.minilm_model = "all-minilm-l6-v2"  # MiniLM rows: a BERT model name or Hugging Face folder
   config.minilm_rows = MINILM_QUICK_ROWS    # '' skips them; 'all' runs every row of MINILM_ROWS
   return config
@@ -257,6 +259,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if isinstance(make_rules, KVRow) and make_rules.key_granularity == "channel" and config.decode_tokens > 0:
       rows[name]["decode"] = decode_speed(float_model, make_rules.kv_format, config)
       print(f"  decode {rows[name]['decode']['tokens_per_s']}", flush=True)
+    elif make_rules is not None and not isinstance(make_rules, KVRow) and config.weight_decode_tokens > 0:
+      rows[name]["weight_decode"] = greedy_decode_rates(
+          {"float32": (float_model, None, None), name: (model, None, None)},
+          prompt_len=config.weight_decode_prompt_len, steps=config.weight_decode_tokens,
+          repeats=max(config.timing_repeats, 5))
+      rates = rows[name]["weight_decode"]["tokens_per_s"]
+      print(f"  decode tok/s float {rates['float32']:.1f}, {name} {rates[name]:.1f}", flush=True)
     print(f"[{name}] {rows[name]['bytes_per_param']:.3f} B/param, ppl {validation['perplexity']:.3f}, "
           f"forward {rows[name]['forward_ms']:.0f} ms ({rows[name]['forward_ratio']:.2f}x float), "
           f"quantized in {quantize_s:.0f} s", flush=True)
@@ -307,36 +316,45 @@ def _greedy_steps(graphdef, state, token, cache, *, steps):
   return jnp.concatenate([tokens.T, last[:, None]], axis=1)
 
 
-def decode_speed(model, kv_format, config) -> dict:
-  """Greedy decode tokens/s of three caches side by side: float, the quantized cache read in place by
-  `pallas_kernels.quant_decode` (the fused path `generate` takes), and the same quantized cache with the op forced
-  to its reference (`pallas_kernels.implementation("reference")`: the whole cache dequantized every step, the
-  pre-fusion cost). Each cache is prefilled once with the `decode_prompt_len` prompt (untimed); the timed call is
-  `decode_tokens` greedy steps from that cache, the three calls alternating (`time_side_by_side`), so prefill
-  noise does not enter the per-token time. `tokens` holds each cache's greedy continuation."""
-  prompt = jax.random.randint(jax.random.key(1), (1, config.decode_prompt_len), 0, model.config.vocab_size,
-                              dtype=jnp.int32)
-  steps = config.decode_tokens
-  graphdef, state = nnx.split(model)
-  caches = {"float": (None, None), "fused": (kv_format, None), "dequantize_all": (kv_format, "reference")}
+def greedy_decode_rates(variants, *, prompt_len: int, steps: int, repeats: int,
+                        kv_group_size: int = kv_cache.DEFAULT_GROUP_SIZE) -> dict:
+  """Greedy decode tokens/s of each variant, side by side. `variants`: name -> (model, kv_format, policy), where
+  policy is a `pallas_kernels.implementation` name or None. Each variant's cache is prefilled once with the same
+  random prompt (untimed); the timed call is `steps` greedy steps from that cache, all variants alternating
+  (`time_side_by_side`), so prefill noise does not enter the per-token time. Returns tokens/s, the timings and each
+  variant's greedy continuation (`tokens`). Quantized caches use `kv_group_size` slots per K scale."""
+  vocab = next(iter(variants.values()))[0].config.vocab_size
+  prompt = jax.random.randint(jax.random.key(1), (1, prompt_len), 0, vocab, dtype=jnp.int32)
   calls, tokens = {}, {}
-  for name, (fmt, policy) in caches.items():
+  for name, (model, fmt, policy) in variants.items():
+    graphdef, state = nnx.split(model)
     with pallas_kernels.implementation(policy):
-      cache = llama.init_cache(model.config, 1, config.decode_prompt_len + steps, kv_format=fmt,
-                               kv_group_size=None if fmt is None else config.kv_group_size)
+      cache = llama.init_cache(model.config, 1, prompt_len + steps, kv_format=fmt,
+                               kv_group_size=None if fmt is None else kv_group_size)
       first, cache = _prefill(graphdef, state, prompt, cache)
 
-    def run(first=first, cache=cache, policy=policy):
+    def run(graphdef=graphdef, state=state, first=first, cache=cache, policy=policy):
       with pallas_kernels.implementation(policy):  # part of the jit cache key: each policy has its own trace
         return _greedy_steps(graphdef, state, first, cache, steps=steps)
     calls[name] = run
     tokens[name] = np.asarray(run())[0].tolist()
-  timings = common.time_side_by_side(calls, repeats=max(config.timing_repeats, 5))
-  per_token = {name: timings[name]["median_s"] / steps for name in caches}
-  ratio = lambda a, b: per_token[b] / per_token[a]
-  return {"tokens_per_s": {name: 1.0 / s for name, s in per_token.items()},
-          "speed_ratio": ratio("fused", "float"), "fused_speedup": ratio("fused", "dequantize_all"),
-          "prompt_len": config.decode_prompt_len, "timings": timings, "tokens": tokens}
+  timings = common.time_side_by_side(calls, repeats=repeats)
+  return {"tokens_per_s": {name: steps / t["median_s"] for name, t in timings.items()}, "timings": timings,
+          "tokens": tokens, "prompt_len": prompt_len, "steps": steps}
+
+
+def decode_speed(model, kv_format, config) -> dict:
+  """Greedy decode tokens/s of three caches side by side (`greedy_decode_rates`): float, the quantized cache read
+  in place by `pallas_kernels.quant_decode` (the fused path `generate` takes), and the same quantized cache with the
+  op forced to its reference (`pallas_kernels.implementation("reference")`: the whole cache dequantized every step,
+  the pre-fusion cost), from a `decode_prompt_len` prompt."""
+  rates = greedy_decode_rates({"float": (model, None, None), "fused": (model, kv_format, None),
+                               "dequantize_all": (model, kv_format, "reference")},
+                              prompt_len=config.decode_prompt_len, steps=config.decode_tokens,
+                              repeats=max(config.timing_repeats, 5), kv_group_size=config.kv_group_size)
+  speed = rates["tokens_per_s"]
+  return {**rates, "speed_ratio": speed["fused"] / speed["float"],
+          "fused_speedup": speed["fused"] / speed["dequantize_all"]}
 
 
 def _minilm_names(config) -> list[str]:
@@ -545,6 +563,19 @@ def _smollm2_report(workdir, config, rows, tables, notes, plots):
     tables["KV-cache decode (greedy, CPU)"] = (
         ("row", "float cache tok/s", "quantized, dequantize-all (before) tok/s", "quantized, fused (after) tok/s",
          "after / before", "after / float"), decode)
+  weight_decode = [(name, f"{row['weight_decode']['tokens_per_s']['float32']:.1f}",
+                    f"{row['weight_decode']['tokens_per_s'][name]:.1f}",
+                    f"{row['weight_decode']['tokens_per_s'][name] / row['weight_decode']['tokens_per_s']['float32']:.2f}x")
+                   for name, row in rows.items() if "weight_decode" in row]
+  if weight_decode:
+    tables["Weight-only decode, M = 1 (greedy, CPU)"] = (
+        ("row", "float32 tok/s", "row tok/s", "row / float"), weight_decode)
+    notes.append(
+        f"Weight decode: prompt {config.weight_decode_prompt_len}, {config.weight_decode_tokens} greedy steps timed "
+        "from a prefilled float cache, alternating with the float model. On CPU the int8/int4/NF4 layers run "
+        "quant_matmul's reference (every weight dequantized to f32, then an f32 GEMV): XLA:CPU fuses no "
+        "conversion into a dot, so each step writes and re-reads an f32 copy of every weight, and no CPU path reads "
+        "the packed weight inside the product (the Pallas kernels do that on TPU/GPU).")
   notes.append(
       f"Calibration: {config.calib_batches}x{config.calib_batch_size}x{config.calib_seq_len} train tokens "
       "(GPTQ's paper uses 128x2048); Hessians captured once from the float model (one-shot, not GPTQ's "
