@@ -66,11 +66,6 @@ def _dtype(config):
   return jnp.dtype(config.dtype)
 
 
-def _error(actual, expected) -> float:
-  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
-  return float(np.sqrt(np.mean((actual - expected) ** 2)) / max(np.sqrt(np.mean(expected ** 2)), 1e-30))
-
-
 def quantized_inputs(k, v, length: int, kv_format: str, group_size: int, dtype):
   """A `QuantizedKVCache` holding k/v [B, S, H_kv, D] as the cache stores them after `length` tokens: complete
   groups quantized, the open group's keys float in k_residual."""
@@ -136,7 +131,7 @@ def bench_length(config, max_len: int, dtype, rng) -> list[dict]:
       raise FloatingPointError(f"{name}: non-finite decode output at S={max_len}.")
     seconds = timings[name]["median_s"]
     results.append({"cache_len": max_len, "row": name, "median_us": seconds * 1e6,
-                    "vs_float": float_s / seconds, "error_vs_reference": _error(out, reference()),
+                    "vs_float": float_s / seconds, "error_vs_reference": common.relative_rms_error(out, reference()),
                     "modeled_bytes": modeled, "packed_bytes": packed,
                     "modeled_over_packed": None if modeled is None else modeled / packed})
   return results

@@ -84,7 +84,7 @@ def peak_device(config) -> tuple[str | None, str]:
 
 def _error(actual, expected) -> float:
   """Relative RMS error of the first output (an op returning several, e.g. lowbit_adam's, leads with its main one)."""
-  return bench_decode._error(jax.tree.leaves(actual)[0], jax.tree.leaves(expected)[0])
+  return common.relative_rms_error(jax.tree.leaves(actual)[0], jax.tree.leaves(expected)[0])
 
 
 def _first_line(error: Exception) -> str:

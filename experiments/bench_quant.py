@@ -106,7 +106,7 @@ def storage(seed: int = 0) -> dict:
 
 # --- (b) CPU time ----------------------------------------------------------------------------------------------
 
-def _qwix_linear(w, x):
+def qwix_w8a8_linear(w, x):
   """qwix's W8A8 `nnx.Linear` with kernel `w`: (jitted forward(state, x), state)."""
   import qwix
   from flax import nnx
@@ -159,7 +159,7 @@ def time_linear(m: int, k: int, n: int, *, repeats: int, use_qwix: bool, seed: i
   qwix_error = None
   if use_qwix:
     try:
-      forward, state = _qwix_linear(w, x)
+      forward, state = qwix_w8a8_linear(w, x)
       functions["qwix W8A8"] = lambda: forward(state, x)
       compiled["qwix W8A8"] = forward.lower(state, x).compile()
       outputs["qwix W8A8"] = forward(state, x)

@@ -18,6 +18,7 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import numpy as np
 from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 from tqdm.auto import tqdm
 
@@ -179,6 +180,12 @@ class _LogLines:
 
   def flush(self) -> None:
     self.stream.flush()
+
+
+def relative_rms_error(actual, expected) -> float:
+  """RMS(actual - expected) / RMS(expected), in float64 (the benchmarks' agreement column)."""
+  actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+  return float(np.sqrt(np.mean((actual - expected) ** 2)) / max(np.sqrt(np.mean(expected ** 2)), 1e-30))
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

@@ -86,7 +86,7 @@ def _sizes(size: str, full: list, tiny: list) -> list:
 def _qwix_w8a8(w, x, qwix):
   """qwix's W8A8 nnx.Linear of float `w` on float `x` (it quantizes both itself, per channel / per token)."""
   del qwix  # bench_quant builds the layer
-  forward, state = bench_quant._qwix_linear(w, x)
+  forward, state = bench_quant.qwix_w8a8_linear(w, x)
   return forward, (state, x)
 
 
