@@ -31,7 +31,7 @@ import numpy as np
 from absl import flags
 
 from efficient import measure
-from experiments import bench_decode, common, kernel_cases
+from experiments import common, kernel_cases
 
 # Contract tolerances of a kernel vs its reference (relative RMS), by output dtype (README, "Design").
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 1e-2}
