@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import importlib.metadata
 import json
 import math
@@ -18,11 +19,15 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.experimental.compilation_cache import compilation_cache as compilation_cache_lib
 from tqdm.auto import tqdm
 
+import pallas_kernels
 from efficient.models import llama
+from efficient.quant import kv_cache
 
 
 @dataclasses.dataclass
@@ -180,6 +185,53 @@ class _LogLines:
 
   def flush(self) -> None:
     self.stream.flush()
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _prefill(graphdef, state, prompt, cache):
+  logits, cache = nnx.merge(graphdef, state)(prompt, cache=cache)
+  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
+def _greedy_steps(graphdef, state, token, cache, *, steps):
+  """`steps` greedy decode steps from a prefilled cache: [B, steps + 1] tokens (the first is `token`)."""
+  model = nnx.merge(graphdef, state)
+
+  def step(carry, _):
+    token, cache = carry
+    logits, cache = model(token[:, None], cache=cache)
+    return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), token
+
+  (last, _), tokens = jax.lax.scan(step, (token, cache), None, length=steps)
+  return jnp.concatenate([tokens.T, last[:, None]], axis=1)
+
+
+def greedy_decode_rates(variants, *, prompt_len: int, steps: int, repeats: int,
+                        kv_group_size: int = kv_cache.DEFAULT_GROUP_SIZE) -> dict:
+  """Greedy decode tokens/s of each variant, side by side. `variants`: name -> (model, kv_format, policy), where
+  policy is a `pallas_kernels.implementation` name or None. Each variant's cache is prefilled once with the same
+  random prompt (untimed); the timed call is `steps` greedy steps from that cache, all variants alternating
+  (`time_side_by_side`), so prefill noise does not enter the per-token time. Returns tokens/s, the timings and each
+  variant's greedy continuation (`tokens`). Quantized caches use `kv_group_size` slots per K scale."""
+  vocab = next(iter(variants.values()))[0].config.vocab_size
+  prompt = jax.random.randint(jax.random.key(1), (1, prompt_len), 0, vocab, dtype=jnp.int32)
+  calls, tokens = {}, {}
+  for name, (model, fmt, policy) in variants.items():
+    graphdef, state = nnx.split(model)
+    with pallas_kernels.implementation(policy):
+      cache = llama.init_cache(model.config, 1, prompt_len + steps, kv_format=fmt,
+                               kv_group_size=None if fmt is None else kv_group_size)
+      first, cache = _prefill(graphdef, state, prompt, cache)
+
+    def run(graphdef=graphdef, state=state, first=first, cache=cache, policy=policy):
+      with pallas_kernels.implementation(policy):  # part of the jit cache key: each policy has its own trace
+        return _greedy_steps(graphdef, state, first, cache, steps=steps)
+    calls[name] = run
+    tokens[name] = np.asarray(run())[0].tolist()
+  timings = time_side_by_side(calls, repeats=repeats)
+  return {"tokens_per_s": {name: steps / t["median_s"] for name, t in timings.items()}, "timings": timings,
+          "tokens": tokens, "prompt_len": prompt_len, "steps": steps}
 
 
 def relative_rms_error(actual, expected) -> float:

@@ -37,7 +37,6 @@ each GPTQ row adds ~25-30 s ('all': ~2 min). `--config.rows=none` runs the MiniL
 """
 from __future__ import annotations
 
-import functools
 import time
 
 import jax
@@ -50,7 +49,6 @@ from efficient import calibration, data, models, quant, train
 from efficient.models import bert, llama
 from efficient.quant import QuantConfig, kv_cache
 from experiments import common
-import pallas_kernels
 
 SMOOTHABLE = r".*/(attention/(q|k|v)|mlp/(gate|up))"  # full match on the path
 
@@ -260,7 +258,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
       rows[name]["decode"] = decode_speed(float_model, make_rules.kv_format, config)
       print(f"  decode {rows[name]['decode']['tokens_per_s']}", flush=True)
     elif make_rules is not None and not isinstance(make_rules, KVRow) and config.weight_decode_tokens > 0:
-      rows[name]["weight_decode"] = greedy_decode_rates(
+      rows[name]["weight_decode"] = common.greedy_decode_rates(
           {"float32": (float_model, None, None), name: (model, None, None)},
           prompt_len=config.weight_decode_prompt_len, steps=config.weight_decode_tokens,
           repeats=max(config.timing_repeats, 5))
@@ -296,59 +294,12 @@ def kv_bytes(model_config, row: KVRow | None, config) -> dict:
   return {"kv_bytes_per_token": quantized, "kv_ratio": quantized / float_bytes, "kv_bytes_len": length}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _prefill(graphdef, state, prompt, cache):
-  logits, cache = nnx.merge(graphdef, state)(prompt, cache=cache)
-  return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "steps"))
-def _greedy_steps(graphdef, state, token, cache, *, steps):
-  """`steps` greedy decode steps from a prefilled cache: [B, steps + 1] tokens (the first is `token`)."""
-  model = nnx.merge(graphdef, state)
-
-  def step(carry, _):
-    token, cache = carry
-    logits, cache = model(token[:, None], cache=cache)
-    return (jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache), token
-
-  (last, _), tokens = jax.lax.scan(step, (token, cache), None, length=steps)
-  return jnp.concatenate([tokens.T, last[:, None]], axis=1)
-
-
-def greedy_decode_rates(variants, *, prompt_len: int, steps: int, repeats: int,
-                        kv_group_size: int = kv_cache.DEFAULT_GROUP_SIZE) -> dict:
-  """Greedy decode tokens/s of each variant, side by side. `variants`: name -> (model, kv_format, policy), where
-  policy is a `pallas_kernels.implementation` name or None. Each variant's cache is prefilled once with the same
-  random prompt (untimed); the timed call is `steps` greedy steps from that cache, all variants alternating
-  (`time_side_by_side`), so prefill noise does not enter the per-token time. Returns tokens/s, the timings and each
-  variant's greedy continuation (`tokens`). Quantized caches use `kv_group_size` slots per K scale."""
-  vocab = next(iter(variants.values()))[0].config.vocab_size
-  prompt = jax.random.randint(jax.random.key(1), (1, prompt_len), 0, vocab, dtype=jnp.int32)
-  calls, tokens = {}, {}
-  for name, (model, fmt, policy) in variants.items():
-    graphdef, state = nnx.split(model)
-    with pallas_kernels.implementation(policy):
-      cache = llama.init_cache(model.config, 1, prompt_len + steps, kv_format=fmt,
-                               kv_group_size=None if fmt is None else kv_group_size)
-      first, cache = _prefill(graphdef, state, prompt, cache)
-
-    def run(graphdef=graphdef, state=state, first=first, cache=cache, policy=policy):
-      with pallas_kernels.implementation(policy):  # part of the jit cache key: each policy has its own trace
-        return _greedy_steps(graphdef, state, first, cache, steps=steps)
-    calls[name] = run
-    tokens[name] = np.asarray(run())[0].tolist()
-  timings = common.time_side_by_side(calls, repeats=repeats)
-  return {"tokens_per_s": {name: steps / t["median_s"] for name, t in timings.items()}, "timings": timings,
-          "tokens": tokens, "prompt_len": prompt_len, "steps": steps}
-
-
 def decode_speed(model, kv_format, config) -> dict:
-  """Greedy decode tokens/s of three caches side by side (`greedy_decode_rates`): float, the quantized cache read
+  """Greedy decode tokens/s of three caches side by side (`common.greedy_decode_rates`): float, the quantized cache read
   in place by `pallas_kernels.quant_decode` (the fused path `generate` takes), and the same quantized cache with the
   op forced to its reference (`pallas_kernels.implementation("reference")`: the whole cache dequantized every step,
   the pre-fusion cost), from a `decode_prompt_len` prompt."""
-  rates = greedy_decode_rates({"float": (model, None, None), "fused": (model, kv_format, None),
+  rates = common.greedy_decode_rates({"float": (model, None, None), "fused": (model, kv_format, None),
                                "dequantize_all": (model, kv_format, "reference")},
                               prompt_len=config.decode_prompt_len, steps=config.decode_tokens,
                               repeats=max(config.timing_repeats, 5), kv_group_size=config.kv_group_size)
