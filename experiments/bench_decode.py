@@ -226,8 +226,29 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
          for r in model_rows])
   common.write_results(workdir, title=f"Decode attention over float, quantized and paged caches ({backend})",
                        config=config.to_dict(), results={"rows": results, "model_rows": model_rows},
-                       claims=claims(results, backend), tables=tables, notes=notes)
+                       claims=claims(results, backend), tables=tables, notes=notes,
+                       plots=[_plot(workdir, results, backend)])
   return {"rows": results, "model_rows": model_rows}
+
+
+def _plot(workdir, results, backend: str) -> str:
+  """Median decode-step time of every row against the cache length (log-log): the fused and paged rows beside
+  float flash_decode and the dequantize-all references."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6.5, 4))
+  for name in dict.fromkeys(r["row"] for r in results):
+    points = sorted((r["cache_len"], r["median_us"]) for r in results if r["row"] == name)
+    style = "--" if "dequantize-all" in name else (":" if name.startswith("paged") else "-")
+    ax.plot(*zip(*points), style, marker="o", label=name)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xlabel("cache length S (slots)")
+  ax.set_ylabel(f"decode step, median us ({backend})")
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=7)
+  return common.save_figure(fig, workdir, "bench_decode.png")
 
 
 if __name__ == "__main__":

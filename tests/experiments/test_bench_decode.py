@@ -20,6 +20,8 @@ def test_bench_decode_rows_match_references(tmp_path):
     assert row["error_vs_reference"] < 1e-5, name
   payload = json.load(open(os.path.join(tmp_path, "results.json")))
   assert len(payload["claims"]) == 5
+  plot = tmp_path / "bench_decode.png"
+  assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and payload["plots"] == [str(plot)]
 
 
 def test_bench_decode_refuses_unaligned_cache_length(tmp_path):
