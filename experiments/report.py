@@ -21,6 +21,7 @@ import re
 import shutil
 import tempfile
 
+import jax
 from absl import app, flags
 
 import experiments
@@ -279,6 +280,8 @@ def report(run: str = "", results_dir: str = RESULTS_DIR, readme: str = README) 
 
 
 if __name__ == "__main__":
+  # As the experiments' own programs do (moe's expert-parallel check): 8 CPU devices, set before JAX starts.
+  jax.config.update("jax_num_cpu_devices", 8)
   _RUN = flags.DEFINE_string("run", "", "Experiments to re-run at their default config first: comma-separated "
                              "names, 'missing' (no kept default run) or 'all'. Default: none (rebuild only).")
   _RESULTS_DIR = flags.DEFINE_string("results_dir", RESULTS_DIR, "Folder of the kept results, one per run.")
