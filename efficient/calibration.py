@@ -331,17 +331,20 @@ _SINK: contextvars.ContextVar = contextvars.ContextVar("efficient_calibration_si
 
 
 class _Capturing(nnx.Module):
-  """Wraps a linear layer: runs it unchanged and adds its flattened input's XᵀX (f32) to the active sink."""
+  """Wraps a module: runs it unchanged and adds its input's XᵀX (f32) to the active sink. Rows of X: the linear
+  layer's input rows (`inputs_as_matrix`), or `as_matrix(x)` for any other module."""
 
-  def __init__(self, inner: nnx.Module, path: str):
+  def __init__(self, inner: nnx.Module, path: str, as_matrix=None):
     self.inner = inner
     self.path = path
+    self.as_matrix = as_matrix
 
   def __call__(self, x, *args, **kwargs):
     sink = _SINK.get()
     if sink is not None:
       sums, mask = sink
-      x2 = inputs_as_matrix(equation_of(self.inner), x).astype(jnp.float32)
+      x2 = (inputs_as_matrix(equation_of(self.inner), x) if self.as_matrix is None
+            else self.as_matrix(x)).astype(jnp.float32)
       rows = jnp.asarray(x2.shape[0], jnp.float32)
       if mask is not None:
         if mask.size != x2.shape[0]:
@@ -413,9 +416,23 @@ def capture_hessians(model: nnx.Module, batches: Iterable, *, pattern: str = ".*
     if not einsum_modules(model):
       raise ValueError(f"model ({type(model).__name__}) has no linear layer ({_TYPE_NAMES}) to calibrate.")
     raise ValueError(f"pattern={pattern!r} matches no linear layer path in full (re.fullmatch).")
+  try:
+    grams = capture_input_grams(model, modules, batches)
+  except ValueError as error:
+    raise ValueError(f"{error} (pattern={pattern!r})") from None
+  return {path: {"hessian": 2.0 * xtx / float(count), "absmax": absmax, "count": count}
+          for path, (xtx, absmax, count) in grams.items()}
+
+
+def capture_input_grams(model: nnx.Module, modules: dict[str, nnx.Module], batches: Iterable, *,
+                        as_matrix=None) -> dict[str, tuple]:
+  """{path: (XᵀX f32 [d, d], max_t |x_tj| [d], n)} of the inputs of `modules` ({path: the model's submodule at
+  path}) over `batches` (as `capture_hessians`; padding tokens left out). Rows of X: a linear layer's input rows,
+  or `as_matrix(x)` when given (e.g. `lambda x: x.reshape(-1, x.shape[-1])` for a norm). The model is unchanged
+  afterwards. A forward that never calls a module, or batches without tokens, is a ValueError."""
   sums: dict[str, tuple] = {}
   counts = {path: 0 for path in modules}
-  with swapped_modules(model, {p: _Capturing(m, p) for p, m in modules.items()}):
+  with swapped_modules(model, {p: _Capturing(m, p, as_matrix) for p, m in modules.items()}):
     graphdef, state = nnx.split(model)
     for batch in batches:
       if not isinstance(batch, dict):
@@ -433,11 +450,10 @@ def capture_hessians(model: nnx.Module, batches: Iterable, *, pattern: str = ".*
         counts[path] += int(rows)
   uncalled = [p for p in modules if p not in sums]
   if uncalled and len(uncalled) < len(modules):
-    raise ValueError(f"the model's forward never called {uncalled[:3]}; leave them out of pattern={pattern!r}.")
+    raise ValueError(f"the model's forward never called {uncalled[:3]}; leave them out of the capture")
   if uncalled or any(counts[p] == 0 for p in modules):
-    raise ValueError("batches held no (non-padding) tokens to calibrate on.")
-  return {path: {"hessian": 2.0 * sums[path][0] / float(counts[path]), "absmax": sums[path][1],
-                 "count": counts[path]} for path in modules}
+    raise ValueError("batches held no (non-padding) tokens to calibrate on")
+  return {path: (sums[path][0], sums[path][1], counts[path]) for path in modules}
 
 
 def _optional(batch, key):

@@ -57,9 +57,7 @@ Weighting of the global sum: trace-normalized boundaries (the default) beat the 
 """
 from __future__ import annotations
 
-import contextvars
 import dataclasses
-import functools
 import math
 from typing import Iterable
 
@@ -74,48 +72,8 @@ from pallas_kernels.rms_norm import rms_norm as rms_norm_op
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
-# While a capturing forward is traced: dict path -> (X^T X sum f32 [d, d], rows), and the token mask or None.
-_SINK: contextvars.ContextVar = contextvars.ContextVar("efficient_slicing_sink", default=None)
-
 
 # --- calibration: covariance of each RMSNorm's input (the residual stream at each boundary) -------------------
-
-class _NormInputCapture(nnx.Module):
-  """Wraps an RMSNorm: runs it unchanged and adds X^T X of its (flattened) input to the active sink."""
-
-  def __init__(self, inner: nnx.Module, path: str):
-    self.inner = inner
-    self.path = path
-
-  def __call__(self, x, *args, **kwargs):
-    sink = _SINK.get()
-    if sink is not None:
-      sums, mask = sink
-      x2 = x.reshape(-1, x.shape[-1]).astype(jnp.float32)
-      rows = jnp.asarray(x2.shape[0], jnp.float32)
-      if mask is not None:
-        x2 = x2 * mask.reshape(-1, 1)
-        rows = jnp.sum(mask)
-      xtx = jnp.matmul(x2.T, x2, precision=_HIGHEST, preferred_element_type=jnp.float32)
-      if self.path in sums:
-        xtx, rows = sums[self.path][0] + xtx, sums[self.path][1] + rows
-      sums[self.path] = (xtx, rows)
-    return self.inner(x, *args, **kwargs)
-
-
-@functools.partial(jax.jit, static_argnames="graphdef")
-def _capture_step(state, tokens, positions, segment_ids, mask, *, graphdef):
-  model = nnx.merge(graphdef, state)
-  sums: dict = {}
-  token = _SINK.set((sums, mask))
-  try:
-    kwargs = {} if positions is None else {"positions": positions}
-    if segment_ids is not None:
-      kwargs["segment_ids"] = segment_ids
-    model(tokens, **kwargs)
-  finally:
-    _SINK.reset(token)
-  return sums
 
 
 def residual_covariances(model: nnx.Module, batches: Iterable, *,
@@ -125,29 +83,10 @@ def residual_covariances(model: nnx.Module, batches: Iterable, *,
   `batches`: dicts with 'tokens' (optionally 'positions', 'segment_ids', 'loss_mask'; padding is left out) or
   bare token arrays, as `calibration.capture_hessians`. The model is unchanged afterwards."""
   p = rot.plan(model, rules)
-  sums: dict[str, list] = {}
-  wrappers = {path: _NormInputCapture(norm, path) for path, (norm, _) in p.norms.items()}
-  with calibration.swapped_modules(model, wrappers):
-    graphdef, state = nnx.split(model)
-    for batch in batches:
-      if not isinstance(batch, dict):
-        batch = {"tokens": batch}
-      opt = {k: (None if k not in batch else jnp.asarray(batch[k])) for k in ("positions", "segment_ids")}
-      step = _capture_step(state, jnp.asarray(batch["tokens"]), opt["positions"], opt["segment_ids"],
-                           calibration.batch_token_mask(batch), graphdef=graphdef)
-      for path, (xtx, rows) in step.items():
-        xtx = np.asarray(xtx, np.float64)
-        if not np.all(np.isfinite(xtx)):
-          raise ValueError(f"batches: the inputs of {path} hold NaN/inf; the calibration data must be finite.")
-        if path in sums:
-          sums[path][0] += xtx
-          sums[path][1] += float(rows)
-        else:
-          sums[path] = [xtx, float(rows)]
-  if len(sums) != len(wrappers) or any(n == 0 for _, n in sums.values()):
-    raise ValueError("batches held no (non-padding) tokens to calibrate on (or the forward skipped a norm).")
-  return {path: {"covariance": sums[path][0] / sums[path][1], "count": int(sums[path][1])}
-          for path in sorted(sums, key=calibration.natural_key)}
+  norms = {path: norm for path, (norm, _) in p.norms.items()}
+  grams = calibration.capture_input_grams(model, norms, batches, as_matrix=lambda x: x.reshape(-1, x.shape[-1]))
+  return {path: {"covariance": np.asarray(grams[path][0], np.float64) / grams[path][2], "count": grams[path][2]}
+          for path in sorted(grams, key=calibration.natural_key)}
 
 
 def global_covariance(covariances: dict[str, dict], *, normalize: bool = True) -> np.ndarray:
