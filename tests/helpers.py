@@ -8,7 +8,7 @@ import numpy as np
 import optax
 from jax import export
 
-from efficient import sharding
+from efficient import calibration, nn, sharding
 
 # Relative RMS error allowed for a kernel vs an f32 reference, keyed by the kernel's compute dtype
 # (bf16 keeps 8 mantissa bits: rounding alone costs ~2e-3).
@@ -29,6 +29,16 @@ def rel_rms_error(actual, expected) -> float:
   scale = np.sqrt(np.mean(expected ** 2))
   error = np.sqrt(np.mean((actual - expected) ** 2))
   return float(error / scale) if scale > 0 else float(error)
+
+
+def random_norm_gains(model, seed: int = 0):
+  """Gives every RMSNorm of `model` non-trivial gains 1 + 0.5 N(0, 1), in place (a fresh Llama's gains are 1,
+  which would make folding them into the next layer a no-op). Returns the model."""
+  norms = calibration.einsum_modules(model, types=(nn.RMSNorm,))
+  keys = jax.random.split(jax.random.key(seed), len(norms))
+  for key, module in zip(keys, norms.values()):
+    module.scale[...] = 1.0 + 0.5 * jax.random.normal(key, module.scale[...].shape)
+  return model
 
 
 def assert_close(name: str, actual, expected, tol: float) -> None:

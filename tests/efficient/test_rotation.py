@@ -8,16 +8,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from efficient import calibration, nn
+from efficient import calibration
 from efficient.models import llama
 from efficient.quant import rotation
+from tests.helpers import random_norm_gains, rel_rms_error
 
 F32_REL = 1e-4  # issue 14's bar for a rotation without slicing
-
-
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _sylvester(n: int) -> np.ndarray:
@@ -26,23 +22,14 @@ def _sylvester(n: int) -> np.ndarray:
   return np.where(np.vectorize(lambda v: bin(v).count("1") % 2)(i[:, None] & i[None, :]) == 0, 1.0, -1.0)
 
 
-def _random_gains(model, seed: int = 0):
-  """Non-trivial RMSNorm gains (a fresh Llama has gains of 1, which would make folding a no-op)."""
-  norms = calibration.einsum_modules(model, types=(nn.RMSNorm,))
-  keys = jax.random.split(jax.random.key(seed), len(norms))
-  for key, module in zip(keys, norms.values()):
-    module.scale[...] = 1.0 + 0.5 * jax.random.normal(key, module.scale[...].shape)
-  return model
-
-
 @pytest.fixture(scope="module")
 def tiny_gains():
-  return _random_gains(llama.Llama(llama.TINY, rngs=nnx.Rngs(0)))
+  return random_norm_gains(llama.Llama(llama.TINY, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
 def tiny_untied():
-  return _random_gains(llama.Llama(llama.TINY.replace(tie_embeddings=False), rngs=nnx.Rngs(1)), seed=1)
+  return random_norm_gains(llama.Llama(llama.TINY.replace(tie_embeddings=False), rngs=nnx.Rngs(1)), seed=1)
 
 
 # --- Hadamard matrices and the fast transform -------------------------------------------------------------------
@@ -107,7 +94,7 @@ def test_fold_norms_keeps_logits_and_moves_gains_into_readers(tiny_gains, tokens
   np.testing.assert_array_equal(np.asarray(model.blocks[0].attention_norm.scale[...]), 1.0)
   np.testing.assert_array_equal(np.asarray(model.final_norm.scale[...]),
                                 np.asarray(tiny_gains.final_norm.scale[...]))
-  assert _rel(model(tokens), reference) < F32_REL
+  assert rel_rms_error(model(tokens), reference) < F32_REL
 
 
 def _rotations(width):
@@ -122,12 +109,12 @@ def test_rotate_leaves_tiny_llama_logits_unchanged(kind, tied, tiny_gains, tiny_
   original = tiny_gains if tied else tiny_untied
   reference = np.asarray(original(tokens))
   model = rotation.rotate(nnx.clone(original), _rotations(64)[kind])
-  assert _rel(model(tokens), reference) < F32_REL
+  assert rel_rms_error(model(tokens), reference) < F32_REL
   # The weights really changed (so this test can fail): the stream is rotated, not left alone.
   for path in ("embedding", "blocks/0/attention/q/kernel", "blocks/1/mlp/down/kernel"):
     before = calibration.param_paths(original)[path][...]
     after = calibration.param_paths(model)[path][...]
-    assert _rel(after, before) > 0.5, path
+    assert rel_rms_error(after, before) > 0.5, path
   assert isinstance(model.final_norm, rotation.RotatedGainRMSNorm) == tied
   if not tied:  # the final gain was folded into the untied head
     np.testing.assert_array_equal(np.asarray(model.final_norm.scale[...]), 1.0)
@@ -156,7 +143,7 @@ def test_rotating_twice_composes(tiny_gains, tokens):
   model = rotation.rotate(nnx.clone(tiny_gains))
   model = rotation.rotate(model, _rotations(64)["dense_qr"])
   assert isinstance(model.final_norm, rotation.RotatedGainRMSNorm) and model.final_norm.matrix is not None
-  assert _rel(model(tokens), reference) < F32_REL
+  assert rel_rms_error(model(tokens), reference) < F32_REL
   q = np.asarray(rotation.hadamard(64), np.float64) @ _rotations(64)["dense_qr"]
   np.testing.assert_allclose(np.asarray(model.embedding[...]), np.asarray(tiny_gains.embedding[...]) @ q, atol=1e-5)
 
@@ -222,7 +209,7 @@ def test_smollm2_rotation_keeps_logits_and_lowers_incoherence(smollm2):
   # Hadamard-rotated q 6.9 k 7.0 v 5.0.
   for name in "qkv":
     assert rotated[name] < 0.8 * folded[name] and rotated[name] < original[name], (name, original, folded, rotated)
-  assert _rel(model.embedding[...], smollm2.model.embedding[...]) > 0.5
+  assert rel_rms_error(model.embedding[...], smollm2.model.embedding[...]) > 0.5
   assert isinstance(model.final_norm, rotation.RotatedGainRMSNorm)  # SmolLM2's head is tied
   np.testing.assert_array_equal(np.asarray(model.blocks[7].mlp_norm.scale[...]), 1.0)
-  assert _rel(model(tokens), reference) < F32_REL
+  assert rel_rms_error(model(tokens), reference) < F32_REL

@@ -10,27 +10,15 @@ from flax import nnx
 from efficient import calibration, measure, nn
 from efficient.models import llama
 from efficient.quant import rotation, slicing
+from tests.helpers import random_norm_gains, rel_rms_error
 
 F32_REL = 1e-4  # issue 14's bar for a rotation without slicing
 D = llama.TINY.embed_dim  # 64
 
 
-def _rel(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _random_gains(model, seed: int = 0):
-  norms = calibration.einsum_modules(model, types=(nn.RMSNorm,))
-  keys = jax.random.split(jax.random.key(seed), len(norms))
-  for key, module in zip(keys, norms.values()):
-    module.scale[...] = 1.0 + 0.5 * jax.random.normal(key, module.scale[...].shape)
-  return model
-
-
 @pytest.fixture(scope="module")
 def tiny_gains():
-  return _random_gains(llama.Llama(llama.TINY, rngs=nnx.Rngs(0)))
+  return random_norm_gains(llama.Llama(llama.TINY, rngs=nnx.Rngs(0)))
 
 
 @pytest.fixture(scope="module")
@@ -61,14 +49,14 @@ def test_sliced_width_and_bad_fraction(tiny_gains, batches):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_no_slice_keeps_logits(tied, batches, tokens):
-  model = _random_gains(llama.Llama(llama.TINY.replace(tie_embeddings=tied), rngs=nnx.Rngs(1)), seed=1)
+  model = random_norm_gains(llama.Llama(llama.TINY.replace(tie_embeddings=tied), rngs=nnx.Rngs(1)), seed=1)
   reference = np.asarray(model(tokens))
   kept = slicing.slice_gpt(nnx.clone(model), batches, 0.01)  # d_small rounds to d: a pure PCA rotation
   assert kept.embedding[...].shape == (llama.TINY.vocab_size, D)
-  assert _rel(kept(tokens), reference) < F32_REL
+  assert rel_rms_error(kept(tokens), reference) < F32_REL
   q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(D, D)))
-  assert _rel(slicing.slice_model(nnx.clone(model), q, D)(tokens), reference) < F32_REL
-  assert _rel(slicing.slice_by_magnitude(nnx.clone(model), batches, 0.01)(tokens), reference) < F32_REL
+  assert rel_rms_error(slicing.slice_model(nnx.clone(model), q, D)(tokens), reference) < F32_REL
+  assert rel_rms_error(slicing.slice_by_magnitude(nnx.clone(model), batches, 0.01)(tokens), reference) < F32_REL
 
 
 def test_sliced_model_has_really_smaller_arrays(tiny_gains, batches, tokens):
@@ -121,9 +109,9 @@ def test_low_rank_stream_pca_slicing_is_exact_magnitude_is_not(tiny_gains, batch
   assert values[55] > 1e-3 * values[0] and np.all(np.abs(values[56:]) < 1e-6 * values[0])
   sliced = slicing.slice_gpt(nnx.clone(model), batches, 0.125)
   assert sliced.embedding[...].shape[-1] == 56
-  assert _rel(sliced(tokens), reference) < F32_REL  # measured ~1e-6: only unused directions were dropped
+  assert rel_rms_error(sliced(tokens), reference) < F32_REL  # measured ~1e-6: only unused directions were dropped
   naive = slicing.slice_by_magnitude(nnx.clone(model), batches, 0.125)
-  assert _rel(naive(tokens), reference) > 0.05  # measured ~0.3: every coordinate carries signal
+  assert rel_rms_error(naive(tokens), reference) > 0.05  # measured ~0.3: every coordinate carries signal
 
 
 def test_covariances_and_pca_basis_match_numpy(tiny_gains, batches):
@@ -154,15 +142,15 @@ def test_covariances_and_pca_basis_match_numpy(tiny_gains, batches):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_per_block_no_slice_keeps_logits_and_low_rank_slice_is_exact(tied, batches, tokens):
-  model = _random_gains(llama.Llama(llama.TINY.replace(tie_embeddings=tied), rngs=nnx.Rngs(2)), seed=2)
+  model = random_norm_gains(llama.Llama(llama.TINY.replace(tie_embeddings=tied), rngs=nnx.Rngs(2)), seed=2)
   reference = np.asarray(model(tokens))
   kept = slicing.slice_gpt_per_block(nnx.clone(model), batches, 0.01)  # d_small = d: per-boundary rotations
   assert all(isinstance(block, slicing.ShortcutBlock) for block in kept.blocks)
-  assert _rel(kept(tokens), reference) < F32_REL  # measured ~5e-7
+  assert rel_rms_error(kept(tokens), reference) < F32_REL  # measured ~5e-7
   low, _ = _low_rank_stream(model, 56, seed=2)
   reference = np.asarray(low(tokens))
   sliced = slicing.slice_gpt_per_block(nnx.clone(low), batches, 0.125)
-  assert _rel(sliced(tokens), reference) < F32_REL  # measured ~2e-6
+  assert rel_rms_error(sliced(tokens), reference) < F32_REL  # measured ~2e-6
   c, s = llama.TINY, 56
   block = sliced.blocks[1]
   assert block.block.attention.q.kernel[...].shape == (s, c.num_heads, c.head_dim)
