@@ -416,10 +416,7 @@ def capture_hessians(model: nnx.Module, batches: Iterable, *, pattern: str = ".*
     if not einsum_modules(model):
       raise ValueError(f"model ({type(model).__name__}) has no linear layer ({_TYPE_NAMES}) to calibrate.")
     raise ValueError(f"pattern={pattern!r} matches no linear layer path in full (re.fullmatch).")
-  try:
-    grams = capture_input_grams(model, modules, batches)
-  except ValueError as error:
-    raise ValueError(f"{error} (pattern={pattern!r})") from None
+  grams = capture_input_grams(model, modules, batches)
   return {path: {"hessian": 2.0 * xtx / float(count), "absmax": absmax, "count": count}
           for path, (xtx, absmax, count) in grams.items()}
 
@@ -450,9 +447,9 @@ def capture_input_grams(model: nnx.Module, modules: dict[str, nnx.Module], batch
         counts[path] += int(rows)
   uncalled = [p for p in modules if p not in sums]
   if uncalled and len(uncalled) < len(modules):
-    raise ValueError(f"the model's forward never called {uncalled[:3]}; leave them out of the capture")
+    raise ValueError(f"the model's forward never called {uncalled[:3]}; leave them out of the capture.")
   if uncalled or any(counts[p] == 0 for p in modules):
-    raise ValueError("batches held no (non-padding) tokens to calibrate on")
+    raise ValueError("batches held no (non-padding) tokens to calibrate on.")
   return {path: (sums[path][0], sums[path][1], counts[path]) for path in modules}
 
 
